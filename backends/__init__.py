@@ -1,0 +1,1 @@
+"""Lowerings for bnpass (installed as ``bnpass.backends``). Today: Inductor."""

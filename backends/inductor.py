@@ -1,0 +1,85 @@
+"""Lower: hand the rewritten Dynamo graph to Inductor (``compile_fx``), keyed apart from stock graphs.
+
+Two things are added to a stock Inductor compile:
+* a ``post_grad_custom_post_pass`` that does nothing but carry a uuid (bnpass's source and the
+  options that change code), so that neither AOTAutograd's nor Inductor's FX graph cache can serve
+  a stock graph, or one from another bnpass version or options, to this compile (shared/FACTS.md);
+* an ``inner_compile`` wrapper that counts the collectives in the forward and backward graphs that
+  AOTAutograd hands to Inductor, into the compile's ``GraphRecord``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from pathlib import Path
+
+import torch
+from torch._inductor.compile_fx import compile_fx, compile_fx_inner
+from torch._inductor.custom_graph_pass import CustomGraphPass
+
+__all__ = ["lower", "count_all_reduces"]
+
+_ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
+
+
+@functools.lru_cache(maxsize=1)
+def source_hash() -> str:
+    """Hash of the bnpass sources: a new bnpass never reuses an older one's compiled graphs."""
+    import bnpass
+
+    roots = [Path(bnpass.__file__).parent, Path(__file__).parent]
+    digest = hashlib.sha256()
+    for root in roots:
+        for path in sorted(root.rglob("*.py")):
+            digest.update(path.name.encode())
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+class CacheKeyPass(CustomGraphPass):
+    """A no-op post-grad pass whose uuid puts bnpass into Inductor's cache keys."""
+
+    def __init__(self, fingerprint: str):
+        self._uuid = hashlib.sha256(f"bnpass:{source_hash()}:{fingerprint}".encode()).hexdigest()
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        return None
+
+    def uuid(self) -> str:
+        return self._uuid
+
+
+def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
+    """(number of all_reduce nodes, bytes they reduce) in an AOTAutograd graph."""
+    count = nbytes = 0
+    for node in gm.graph.nodes:
+        if node.op == "call_function" and node.target in _ALL_REDUCES:
+            count += 1
+            val = node.args[0].meta.get("val")
+            if isinstance(val, torch.Tensor):
+                nbytes += int(val.numel()) * val.element_size()
+    return count, nbytes
+
+
+def _counting_inner_compile(record, gm, example_inputs, **kwargs):
+    direction = "backward" if kwargs.get("is_backward") else "forward"
+    count, nbytes = count_all_reduces(gm)
+    record.collectives[direction] += count
+    record.collective_bytes[direction] += nbytes
+    return compile_fx_inner(gm, example_inputs, **kwargs)
+
+
+def lower(gm, example_inputs, options, record):
+    """Compile the rewritten graph with Inductor; returns Inductor's compiled callable."""
+    patches = {}
+    if options.mode is not None:
+        patches.update(torch._inductor.list_mode_options(options.mode))
+    patches.update(options.inductor_config)
+    patches["post_grad_custom_post_pass"] = CacheKeyPass(options.fingerprint())
+    return compile_fx(
+        gm,
+        example_inputs,
+        inner_compile=functools.partial(_counting_inner_compile, record),
+        config_patches=patches,
+    )

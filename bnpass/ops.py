@@ -1,0 +1,139 @@
+"""The synchronized BatchNorm that the rewrite puts in place of each synced site.
+
+Everything here is plain torch code that AOTAutograd traces and Inductor lowers: the statistics are
+reductions, the collective is ``_c10d_functional.all_reduce`` + ``wait_tensor``, the rest is
+pointwise work that Inductor fuses with the site's neighbours.
+
+Notation, per channel c, over all ranks r: n_r local count, N = sum_r n_r, m_r / M2_r the local mean
+and sum of squared deviations, mean / var the global (biased) statistics, invstd = rsqrt(var + eps),
+xhat = (x - mean) * invstd.
+
+Forward (one all_reduce, 2C+1 float64 values):
+    local:   m_r, M2_r = var_mean(x) (two-pass / Welford, float32: stable for any |mean|/std)
+    packed:  [n_r, n_r*m_r, M2_r + n_r*m_r^2]            in float64, summed over ranks
+    global:  mean = S1/N, var = S2/N - mean^2             (float64 keeps ~8 digits at |mean|/std=1e4)
+    y = xhat * w + b
+
+Backward (one all_reduce, 2C float32 values):
+    local:   [sum(dy), sum(dy * (x - mean))]              summed over ranks
+    dx = w * invstd * (dy - sum(dy)/N - xhat * invstd * sum(dy*(x-mean))/N)
+    dw = local sum(dy * xhat), db = local sum(dy)         (as nn.SyncBatchNorm: DDP averages them)
+
+Running statistics are updated outside the autograd.Function (see ``synced_batch_norm``): an in-place
+update inside it is an autograd trap under Inductor (shared/FACTS.md).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+__all__ = ["synced_batch_norm", "SyncedBatchNormFunction"]
+
+
+def _reduce_dims(x: Tensor) -> list[int]:
+    return [0] + list(range(2, x.dim()))
+
+
+def _per_channel(t: Tensor, x: Tensor) -> Tensor:
+    """Reshape a (C,) tensor so that it broadcasts against x of shape (N, C, *)."""
+    return t.reshape([1, -1] + [1] * (x.dim() - 2))
+
+
+def _all_reduce_sum(t: Tensor, group_name: Optional[str]) -> Tensor:
+    """Sum over the group's ranks; ``None`` is this rank alone (a local site)."""
+    if group_name is None:
+        return t
+    out = torch.ops._c10d_functional.all_reduce(t, "sum", group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+def _local_moments(xf: Tensor, n_local) -> tuple[Tensor, Tensor]:
+    """Local mean and M2 (sum of squared deviations) per channel, float32; zeros for an empty batch."""
+    channels = xf.shape[1]
+    if isinstance(n_local, int) and n_local == 0:
+        zeros = xf.new_zeros(channels)
+        return zeros, zeros
+    var, mean = torch.var_mean(xf, _reduce_dims(xf), correction=0)
+    if not isinstance(n_local, int):  # symbolic batch size: n may be 0 at run time, no host sync
+        nonempty = torch.full((), n_local, dtype=xf.dtype, device=xf.device) > 0
+        mean = torch.where(nonempty, mean, 0.0)
+        var = torch.where(nonempty, var, 0.0)
+    return mean, var * n_local
+
+
+class SyncedBatchNormFunction(torch.autograd.Function):
+    """y = BN(x) with statistics over the whole process group. Pure: touches no buffer."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, group_name: str):
+        channels = x.shape[1]
+        n_local = x.numel() // channels if channels else 0
+        xf = x.float()
+        m_r, m2_r = _local_moments(xf, n_local)
+        m_r64 = m_r.double()
+        count = torch.full((1,), n_local, dtype=torch.float64, device=x.device)
+        packed = torch.cat([count, m_r64 * n_local, m2_r.double() + m_r64 * m_r64 * n_local])
+        packed = _all_reduce_sum(packed, group_name)
+        total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
+        mean64 = s1 / total
+        var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
+        mean = mean64.float()
+        invstd = torch.rsqrt(var64 + eps).float()
+        scale = invstd if weight is None else invstd * weight.float()
+        shift = -mean * scale if bias is None else bias.float() - mean * scale
+        y = (xf * _per_channel(scale, x) + _per_channel(shift, x)).to(x.dtype)
+        unbiased_var = (var64 * (total / (total - 1))).float()
+        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.group_name = group_name
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.mark_non_differentiable(mean, unbiased_var)
+        return y, mean, unbiased_var
+
+    @staticmethod
+    def backward(ctx, dy, _dmean, _dvar):
+        x, weight, mean, invstd, total = ctx.saved_tensors
+        channels = x.shape[1]
+        dims = _reduce_dims(x)
+        dyf = dy.float()
+        xmu = x.float() - _per_channel(mean, x)
+        local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
+        summed = _all_reduce_sum(local, ctx.group_name)
+        total32 = total.float()
+        mean_dy = summed[:channels] / total32
+        mean_dy_xmu = summed[channels:] / total32
+        scale = invstd if weight is None else invstd * weight.float()
+        dx = None
+        if ctx.needs_input_grad[0]:
+            dx = (
+                (dyf - _per_channel(mean_dy, x) - xmu * _per_channel(invstd * invstd * mean_dy_xmu, x))
+                * _per_channel(scale, x)
+            ).to(x.dtype)
+        dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
+        return dx, dw, db, None, None
+
+
+def synced_batch_norm(
+    x: Tensor,
+    running_mean: Tensor | None,
+    running_var: Tensor | None,
+    weight: Tensor | None,
+    bias: Tensor | None,
+    momentum: float | Tensor,
+    eps: float,
+    group_name: Optional[str],
+) -> Tensor:
+    """Training-mode BN with global statistics; updates running stats (if given) in place.
+
+    ``momentum`` is a float, or a 0-d tensor (the cumulative average's 1/num_batches_tracked).
+    """
+    y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name)
+    with torch.no_grad():
+        if running_mean is not None:
+            running_mean.copy_(torch.lerp(running_mean, mean.to(running_mean.dtype), momentum))
+        if running_var is not None:
+            running_var.copy_(torch.lerp(running_var, unbiased_var.to(running_var.dtype), momentum))
+    return y

@@ -1,0 +1,79 @@
+"""Options of the bnpass backend: ``torch.compile(m, backend="bnpass", options={...})``."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+import torch.distributed as dist
+
+__all__ = ["Options", "BNPassError", "GroupChoice"]
+
+
+class BNPassError(RuntimeError):
+    """A bnpass error; the message starts with "bnpass:" and says how to fix it."""
+
+    def __init__(self, message: str):
+        super().__init__(message if message.startswith("bnpass:") else f"bnpass: {message}")
+
+
+_DOC = {
+    "process_group": "ProcessGroup to reduce statistics over (default: the default group)",
+    "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
+    "inductor_config": "dict of torch._inductor.config patches for this compile",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupChoice:
+    """The group the sites of one compile reduce over; ``name`` None means no collective."""
+
+    name: Optional[str]
+    world_size: int
+    why_local: str
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+    process_group: Any = None
+    force_sync: bool = False
+    inductor_config: dict = dataclasses.field(default_factory=dict)
+    mode: Optional[str] = None
+
+    @classmethod
+    def from_user(cls, options: Optional[dict] = None, mode: Optional[str] = None) -> "Options":
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(_DOC))
+        if unknown:
+            valid = "; ".join(f"{k}: {v}" for k, v in _DOC.items())
+            raise BNPassError(f"unknown option(s) {unknown}. Valid options are {valid}.")
+        opts = cls(mode=mode, **options)
+        if not isinstance(opts.force_sync, bool):
+            raise BNPassError(f"option force_sync must be a bool, got {type(opts.force_sync).__name__}")
+        if not isinstance(opts.inductor_config, dict):
+            raise BNPassError("option inductor_config must be a dict of torch._inductor.config names")
+        if "post_grad_custom_post_pass" in opts.inductor_config:
+            raise BNPassError("inductor_config may not set post_grad_custom_post_pass: bnpass uses it "
+                              "to key Inductor's caches")
+        if opts.process_group is not None and not isinstance(opts.process_group, dist.ProcessGroup):
+            raise BNPassError(f"option process_group must be a torch.distributed.ProcessGroup, got "
+                              f"{type(opts.process_group).__name__}; create one with "
+                              "torch.distributed.new_group(...)")
+        return opts
+
+    def group(self) -> GroupChoice:
+        """Resolve the process group now (at compile time, on this rank)."""
+        initialised = dist.is_available() and dist.is_initialized()
+        if self.process_group is not None:
+            if not initialised:
+                raise BNPassError("options['process_group'] was given but torch.distributed is not "
+                                  "initialised; call torch.distributed.init_process_group() first")
+            return GroupChoice(self.process_group.group_name, dist.get_world_size(self.process_group), "")
+        if not initialised:
+            return GroupChoice(None, 1, "torch.distributed is not initialised: nothing to sync with")
+        world = dist.group.WORLD
+        return GroupChoice(world.group_name, dist.get_world_size(world), "")
+
+    def fingerprint(self) -> str:
+        """What of these options changes generated code (the group's name is in the graph itself)."""
+        return f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}"

@@ -1,0 +1,53 @@
+"""What bnpass did: one ``GraphRecord`` per graph it compiled, kept for the CLI and the tests."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from .sites import Site
+
+__all__ = ["GraphRecord", "compile_records", "clear_records", "new_record"]
+
+
+@dataclasses.dataclass
+class GraphRecord:
+    graph_index: int
+    sites: list[Site]
+    group: Optional[str]
+    world_size: int
+    # Filled in by the lowering from the graphs AOTAutograd hands to Inductor.
+    collectives: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    collective_bytes: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    kernels: dict = dataclasses.field(default_factory=dict)  # "forward"/"backward" -> source path
+
+    def count(self, action: str) -> int:
+        return sum(site.action == action for site in self.sites)
+
+    def to_json(self) -> dict:
+        return {
+            "graph_index": self.graph_index,
+            "group": self.group,
+            "world_size": self.world_size,
+            "sites": [s.to_json() for s in self.sites],
+            "collectives": dict(self.collectives),
+            "collective_bytes": dict(self.collective_bytes),
+        }
+
+
+_RECORDS: list[GraphRecord] = []
+
+
+def new_record(sites: list[Site], group: Optional[str], world_size: int) -> GraphRecord:
+    record = GraphRecord(len(_RECORDS), sites, group, world_size)
+    _RECORDS.append(record)
+    return record
+
+
+def compile_records() -> list[GraphRecord]:
+    """The records of every graph bnpass compiled in this process, oldest first."""
+    return list(_RECORDS)
+
+
+def clear_records() -> None:
+    _RECORDS.clear()

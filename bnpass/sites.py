@@ -1,0 +1,186 @@
+"""Find: every BatchNorm call in a Dynamo graph, with the decision bnpass takes for it and why.
+
+A site is a ``F.batch_norm`` / ``torch.batch_norm`` call node (built-in BN modules are inlined by
+Dynamo, so module and functional BN look alike; ``nn.SyncBatchNorm`` and ``momentum=None`` arrive
+tagged by ``bnpass::bn_site``, see capture.py). Actions:
+
+* ``sync``  training-mode statistics, reduced over the process group;
+* ``local`` training-mode statistics of this rank only (no group, or a group of one rank);
+* ``skip``  left exactly as traced (eval mode on running statistics, or not a shape bnpass handles).
+
+The decisions are data (``Site``): the rewrite, the CLI and the tests all read them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import re
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+__all__ = ["Site", "BNCall", "find_sites", "SYNC", "LOCAL", "SKIP"]
+
+SYNC, LOCAL, SKIP = "sync", "local", "skip"
+
+_SIGNATURES = {
+    F.batch_norm: inspect.signature(F.batch_norm),
+    torch.batch_norm: inspect.Signature(
+        [
+            inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+            for n in ("input", "weight", "bias", "running_mean", "running_var", "training",
+                      "momentum", "eps", "cudnn_enabled")
+        ]
+    ),
+}
+_OP_NAMES = {F.batch_norm: "F.batch_norm", torch.batch_norm: "torch.batch_norm"}
+
+
+@dataclasses.dataclass
+class BNCall:
+    """A BN call node's arguments under one naming, whatever the call's form."""
+
+    node: fx.Node
+    input: fx.Node
+    running_mean: Any
+    running_var: Any
+    weight: Any
+    bias: Any
+    training: Any
+    momentum: Any
+    eps: Any
+    tag: Optional[fx.Node]  # the bnpass::bn_site node in front of the input, if any
+
+    @property
+    def tag_num_batches_tracked(self) -> Optional[fx.Node]:
+        return self.tag.args[1] if self.tag is not None else None
+
+    @property
+    def tag_group_name(self) -> Optional[str]:
+        return self.tag.args[2] if self.tag is not None else None
+
+
+@dataclasses.dataclass
+class Site:
+    """One BatchNorm site of one compiled graph and what bnpass does with it."""
+
+    index: int
+    name: str  # module path, or file:line of a functional call
+    op: str  # "nn.BatchNorm2d", "nn.SyncBatchNorm", "F.batch_norm", ...
+    channels: Optional[int]
+    dtype: str
+    layout: str  # contiguous | channels_last | channels_last_3d | strided
+    action: str  # sync | local | skip
+    reason: str
+    group: Optional[str] = None  # process group name the statistics are reduced over
+    world_size: int = 1
+    cumulative_momentum: bool = False
+    call: Optional[BNCall] = dataclasses.field(default=None, repr=False, compare=False)
+
+    def to_json(self) -> dict:
+        out = dataclasses.asdict(dataclasses.replace(self, call=None))
+        out.pop("call")
+        return out
+
+
+def _is_tag(node: Any) -> bool:
+    return (
+        isinstance(node, fx.Node)
+        and node.op == "call_function"
+        and node.target in (torch.ops.bnpass.bn_site.default, torch.ops.bnpass.bn_site)
+    )
+
+
+def bn_call(node: fx.Node) -> Optional[BNCall]:
+    if node.op != "call_function" or node.target not in _SIGNATURES:
+        return None
+    bound = _SIGNATURES[node.target].bind(*node.args, **node.kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    x = a["input"]
+    tag = x if _is_tag(x) else None
+    return BNCall(node, tag.args[0] if tag else x, a["running_mean"], a["running_var"], a["weight"],
+                  a["bias"], a["training"], a["momentum"], a["eps"], tag)
+
+
+def _module_of(node: fx.Node) -> tuple[str, Optional[type]]:
+    stack = node.meta.get("nn_module_stack") or {}
+    if stack:
+        path, cls = list(stack.values())[-1]
+        return _clean_path(path), cls if isinstance(cls, type) else None
+    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
+    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
+    return (frames[-1] if frames else node.name), None
+
+
+def _clean_path(path: str) -> str:
+    """``L['self'].layer1[0]._modules['bn1']`` -> ``layer1.0.bn1``."""
+    path = re.sub(r"^L\['[^']*'\]\.?|^L__[a-z]+__\.?", "", path)
+    path = re.sub(r"\._modules\['([^']*)'\]|\['([^']*)'\]|\[(\d+)\]",
+                  lambda m: "." + next(g for g in m.groups() if g is not None), path)
+    return path.lstrip(".") or "<root>"
+
+
+def _layout(val: Optional[torch.Tensor]) -> str:
+    if val is None:
+        return "unknown"
+    if val.dim() == 4 and val.is_contiguous(memory_format=torch.channels_last) and not val.is_contiguous():
+        return "channels_last"
+    if val.dim() == 5 and val.is_contiguous(memory_format=torch.channels_last_3d) and not val.is_contiguous():
+        return "channels_last_3d"
+    return "contiguous" if val.is_contiguous() else "strided"
+
+
+def _example(node: Any) -> Optional[torch.Tensor]:
+    if not isinstance(node, fx.Node):
+        return None
+    val = node.meta.get("example_value", node.meta.get("val"))
+    return val if isinstance(val, torch.Tensor) else None
+
+
+def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: bool,
+            why_local: str) -> tuple[str, str, Optional[str], int]:
+    """(action, reason, group, world size) for one call."""
+    if not isinstance(call.training, bool):
+        return SKIP, "the training flag is not a constant in the graph", None, 1
+    if not call.training:
+        return SKIP, "eval mode: normalizes with running statistics, nothing to reduce", None, 1
+    val = _example(call.input)
+    if val is not None and val.dim() < 2:
+        return SKIP, f"input has {val.dim()} dims; BatchNorm needs (N, C, *)", None, 1
+    if call.tag is not None and call.tag_group_name is not None:
+        group = call.tag_group_name  # an nn.SyncBatchNorm's own process group wins
+        world_size = torch.distributed.get_world_size(
+            torch.distributed.distributed_c10d._resolve_process_group(group))
+    if group is not None and (world_size > 1 or force_sync):
+        return SYNC, f"training mode: statistics over {world_size} rank(s) of group {group}", group, world_size
+    if group is not None:
+        why_local = "the process group has one rank (force_sync=False)"
+    return LOCAL, f"training mode, {why_local}", None, 1
+
+
+def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_sync: bool,
+               why_local: str) -> list[Site]:
+    """Every BN call in ``gm``, in graph order, with its decision."""
+    sites = []
+    for node in gm.graph.nodes:
+        call = bn_call(node)
+        if call is None:
+            continue
+        name, cls = _module_of(node)
+        op = f"nn.{cls.__name__}" if cls is not None and cls.__module__.startswith("torch.nn") else (
+            cls.__name__ if cls is not None and "BatchNorm" in cls.__name__ else _OP_NAMES[node.target])
+        action, reason, site_group, site_ws = _decide(call, group, world_size, force_sync, why_local)
+        val = _example(call.input)
+        sites.append(Site(
+            index=len(sites), name=name, op=op,
+            channels=int(val.shape[1]) if val is not None and val.dim() >= 2 else None,
+            dtype=str(val.dtype).replace("torch.", "") if val is not None else "unknown",
+            layout=_layout(val), action=action, reason=reason, group=site_group,
+            world_size=site_ws, cumulative_momentum=call.tag_num_batches_tracked is not None,
+            call=call,
+        ))
+    return sites
