@@ -27,6 +27,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 __all__ = ["install", "bn_site"]
 
 BACKEND_MARK = "_bnpass_backend"  # attribute set on the backend entry function
+EVAL_BATCH_STATS = ""  # tag group name: a module in eval mode normalizing with batch statistics
 _WRAPPER_ATTRS = ("compiler_fn", "_torchdynamo_orig_backend", "backend_compile_fn", "__wrapped__")
 
 
@@ -85,6 +86,8 @@ def _forward_for_bnpass(module: _BatchNorm, input: Tensor, group_name: Optional[
             cumulative = module.num_batches_tracked
     bn_training = module.training or (module.running_mean is None and module.running_var is None)
     use_buffers = not module.training or module.track_running_stats
+    if bn_training and not module.training:
+        group_name = EVAL_BATCH_STATS  # eval mode on batch statistics: never synced, as SyncBatchNorm
     if cumulative is not None or group_name is not None:
         input = bn_site(input, cumulative, group_name)
     return F.batch_norm(

@@ -9,8 +9,8 @@ and sum of squared deviations, mean / var the global (biased) statistics, invstd
 xhat = (x - mean) * invstd.
 
 Forward (one all_reduce, 2C+1 float64 values):
-    local:   m_r, M2_r = var_mean(x) (two-pass / Welford, float32: stable for any |mean|/std)
-    packed:  [n_r, n_r*m_r, M2_r + n_r*m_r^2]            in float64, summed over ranks
+    local:   s_r = sum(x) in float64, M2_r by Welford in float32 (one pass: stable for any |mean|/std)
+    packed:  [n_r, s_r, M2_r + s_r^2/n_r]                 in float64, summed over ranks
     global:  mean = S1/N, var = S2/N - mean^2             (float64 keeps ~8 digits at |mean|/std=1e4)
     y = xhat * w + b
 
@@ -42,6 +42,10 @@ def _per_channel(t: Tensor, x: Tensor) -> Tensor:
     return t.reshape([1, -1] + [1] * (x.dim() - 2))
 
 
+def _centered(xf: Tensor, mean_hi: Tensor, mean_lo: Tensor) -> Tensor:
+    return (xf - _per_channel(mean_hi, xf)) - _per_channel(mean_lo, xf)
+
+
 def _all_reduce_sum(t: Tensor, group_name: Optional[str]) -> Tensor:
     """Sum over the group's ranks; ``None`` is this rank alone (a local site)."""
     if group_name is None:
@@ -51,17 +55,23 @@ def _all_reduce_sum(t: Tensor, group_name: Optional[str]) -> Tensor:
 
 
 def _local_moments(xf: Tensor, n_local) -> tuple[Tensor, Tensor]:
-    """Local mean and M2 (sum of squared deviations) per channel, float32; zeros for an empty batch."""
+    """Local sum (float64) and M2 = sum of squared deviations (float32, Welford) per channel.
+
+    The sum is accumulated in float64 in the same pass as the Welford reduction: a float32 mean is
+    off by up to half an ulp of |mean|, which at |mean|/std = 1e4 shifts every x - mean by 5e-4 std.
+    Zeros for an empty batch.
+    """
     channels = xf.shape[1]
     if isinstance(n_local, int) and n_local == 0:
-        zeros = xf.new_zeros(channels)
+        zeros = xf.new_zeros(channels, dtype=torch.float64)
         return zeros, zeros
-    var, mean = torch.var_mean(xf, _reduce_dims(xf), correction=0)
+    dims = _reduce_dims(xf)
+    var, _ = torch.var_mean(xf, dims, correction=0)
+    total = xf.sum(dims, dtype=torch.float64)
+    m2 = var.double() * n_local
     if not isinstance(n_local, int):  # symbolic batch size: n may be 0 at run time, no host sync
-        nonempty = torch.full((), n_local, dtype=xf.dtype, device=xf.device) > 0
-        mean = torch.where(nonempty, mean, 0.0)
-        var = torch.where(nonempty, var, 0.0)
-    return mean, var * n_local
+        m2 = torch.where(torch.full((), n_local, device=xf.device) > 0, m2, 0.0)
+    return total, m2
 
 
 class SyncedBatchNormFunction(torch.autograd.Function):
@@ -72,33 +82,37 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         n_local = x.numel() // channels if channels else 0
         xf = x.float()
-        m_r, m2_r = _local_moments(xf, n_local)
-        m_r64 = m_r.double()
+        sum_r, m2_r = _local_moments(xf, n_local)
         count = torch.full((1,), n_local, dtype=torch.float64, device=x.device)
-        packed = torch.cat([count, m_r64 * n_local, m2_r.double() + m_r64 * m_r64 * n_local])
+        packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / max(n_local, 1)])
         packed = _all_reduce_sum(packed, group_name)
         total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
         mean64 = s1 / total
         var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
-        mean = mean64.float()
+        # mean as hi + lo float32 pair: x - mean stays exact to float32 even when |mean| >> std
+        mean_hi = mean64.float()
+        mean_lo = (mean64 - mean_hi.double()).float()
         invstd = torch.rsqrt(var64 + eps).float()
         scale = invstd if weight is None else invstd * weight.float()
-        shift = -mean * scale if bias is None else bias.float() - mean * scale
-        y = (xf * _per_channel(scale, x) + _per_channel(shift, x)).to(x.dtype)
+        y = _centered(xf, mean_hi, mean_lo) * _per_channel(scale, x)
+        if bias is not None:
+            y = y + _per_channel(bias.float(), x)
+        y = y.to(x.dtype)
         unbiased_var = (var64 * (total / (total - 1))).float()
-        ctx.save_for_backward(x, weight, mean, invstd, total)
+        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, total)
         ctx.group_name = group_name
         ctx.bias_dtype = None if bias is None else bias.dtype
+        mean = mean64.float()
         ctx.mark_non_differentiable(mean, unbiased_var)
         return y, mean, unbiased_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean, invstd, total = ctx.saved_tensors
+        x, weight, mean_hi, mean_lo, invstd, total = ctx.saved_tensors
         channels = x.shape[1]
         dims = _reduce_dims(x)
         dyf = dy.float()
-        xmu = x.float() - _per_channel(mean, x)
+        xmu = _centered(x.float(), mean_hi, mean_lo)
         local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
         summed = _all_reduce_sum(local, ctx.group_name)
         total32 = total.float()

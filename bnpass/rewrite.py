@@ -15,7 +15,7 @@ import torch
 import torch.fx as fx
 
 from .ops import synced_batch_norm
-from .sites import LOCAL, SYNC, Site
+from .sites import LOCAL, SYNC, Site, bn_call
 
 __all__ = ["rewrite_sites"]
 
@@ -31,7 +31,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site]) -> int:
     graph = gm.graph
     replaced = 0
     for site in sites:
-        call = site.call
+        call = site.call = bn_call(site.call.node)  # re-read: an earlier rewrite may feed this one
         needs_rewrite = site.action == SYNC or (site.action == LOCAL and site.cumulative_momentum)
         if needs_rewrite:
             with graph.inserting_before(call.node):

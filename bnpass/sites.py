@@ -22,6 +22,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .capture import EVAL_BATCH_STATS
+
 __all__ = ["Site", "BNCall", "find_sites", "SYNC", "LOCAL", "SKIP"]
 
 SYNC, LOCAL, SKIP = "sync", "local", "skip"
@@ -151,6 +153,9 @@ def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: boo
     val = _example(call.input)
     if val is not None and val.dim() < 2:
         return SKIP, f"input has {val.dim()} dims; BatchNorm needs (N, C, *)", None, 1
+    if call.tag_group_name == EVAL_BATCH_STATS:
+        return LOCAL, "eval mode without running statistics: this rank's batch statistics, as " \
+                      "nn.SyncBatchNorm does", None, 1
     if call.tag is not None and call.tag_group_name is not None:
         group = call.tag_group_name  # an nn.SyncBatchNorm's own process group wins
         world_size = torch.distributed.get_world_size(

@@ -1,0 +1,88 @@
+"""Comparisons against the float64 global-batch reference, and the count checks every rewrite test makes.
+
+A quantity passes when its error against float64 is at most ``tol`` relative to its largest value,
+or at most ``EAGER_MULTIPLIER`` times the error of eager PyTorch in the same dtype on the same
+global batch (in one process). The second clause is how PyTorch's own accuracy checks judge a
+quantity that is exactly zero in exact arithmetic (the bias gradient of a layer followed by BN) or a
+dtype with its own rounding: no better than eager can be asked of anyone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+EAGER_MULTIPLIER = 10.0
+
+
+def abs_err(actual: torch.Tensor, expected: torch.Tensor) -> tuple[float, float]:
+    """(max |actual - expected|, max |expected|); zeros for empty tensors."""
+    if expected.numel() == 0:
+        return 0.0, 0.0
+    expected = expected.double()
+    return float((actual.double() - expected).abs().max()), float(expected.abs().max())
+
+
+def errors_vs_reference(per_rank: list[dict], ref: dict) -> dict[str, tuple[float, float]]:
+    """Worst (abs error, scale) of each quantity over steps and ranks."""
+    errs: dict[str, tuple[float, float]] = {}
+
+    def note(key, pair):
+        old = errs.get(key, (0.0, 0.0))
+        errs[key] = (max(old[0], pair[0]), max(old[1], pair[1]))
+
+    for step in range(len(ref["y"])):
+        note("output", abs_err(torch.cat([r["y"][step] for r in per_rank]), ref["y"][step]))
+        note("input_grad", abs_err(torch.cat([r["dx"][step] for r in per_rank]), ref["dx"][step]))
+        for name, g in ref["grads"][step].items():
+            for r in per_rank:
+                note(f"grad:{name}", abs_err(r["grads"][step][name], g))
+    for name, b in ref["buffers"].items():
+        for r in per_rank:
+            note(f"buffer:{name}", abs_err(r["buffers"][name], b))
+    return errs
+
+
+def eager_global(spec, model=None) -> dict:
+    """Eager PyTorch in the spec's own dtype on the whole global batch, one process."""
+    from tests.training import train
+
+    single = dataclasses.replace(spec, sizes=(sum(spec.sizes),))
+    model = model if model is not None else spec.build()
+    return train(single, model, model, rank=0)
+
+
+def assert_matches_reference(per_rank: list[dict], spec, tol: float) -> dict[str, float]:
+    """Judge the ranks' results against float64; returns each quantity's relative error."""
+    from tests.training import reference
+
+    ref = reference(spec)
+    ours = errors_vs_reference(per_rank, ref)
+    eager = errors_vs_reference([eager_global(spec)], ref)
+    bad = {}
+    for key, (err, scale) in ours.items():
+        allowed = max(tol * scale, EAGER_MULTIPLIER * eager[key][0])
+        if not err <= allowed:
+            bad[key] = f"error {err:.3g} > allowed {allowed:.3g} (scale {scale:.3g}, eager error {eager[key][0]:.3g})"
+    assert not bad, f"{spec.name}: errors against float64: {bad}"
+    return {key: err / scale if scale else err for key, (err, scale) in ours.items()}
+
+
+def assert_counts(per_rank: list[dict], *, sites: int, synced: int, forward: int, backward: int,
+                  graphs: int = 1) -> None:
+    """Sites found and synced, collectives per step (from the compiled graphs), no graph break."""
+    for rank, r in enumerate(per_rank):
+        records = r["records"]
+        assert len(records) == graphs, f"rank {rank}: {len(records)} graphs compiled, expected {graphs}"
+        all_sites = [s for rec in records for s in rec["sites"]]
+        got = {
+            "sites": len(all_sites),
+            "synced": sum(s["action"] == "sync" for s in all_sites),
+            "forward": sum(rec["collectives"]["forward"] for rec in records),
+            "backward": sum(rec["collectives"]["backward"] for rec in records),
+            "graph_breaks": r["graph_breaks"],
+        }
+        want = {"sites": sites, "synced": synced, "forward": forward, "backward": backward,
+                "graph_breaks": 0}
+        assert got == want, f"rank {rank}: {got} != {want}; sites: {all_sites}"

@@ -1,0 +1,178 @@
+"""Small models for the tests: each exercises BatchNorm forms a real model uses.
+
+Every factory is deterministic (seeded) so that ranks and the float64 reference build the same
+weights. ``SPECS`` names what a test runs: model, per-rank batch sizes, input shape, dtype, layout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import zlib
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+class ConvNet(nn.Module):
+    """Conv-BN-ReLU, a residual Conv-BN + add, momentum=None, no running stats, affine=False."""
+
+    def __init__(self, channels: int = 6):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, channels, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(channels)
+        self.conv2 = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(channels, momentum=None)
+        self.bn3 = nn.BatchNorm2d(channels, track_running_stats=False)
+        self.bn4 = nn.BatchNorm2d(channels, affine=False, momentum=0.3)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = F.relu(self.bn2(self.conv2(a)) + a)
+        return self.bn4(self.bn3(b))
+
+
+class FunctionalBN(nn.Module):
+    """BN the way timm's BatchNormAct2d and hand-written modules do it: F.batch_norm and
+    torch.batch_norm called directly, on parameters and buffers the module owns."""
+
+    def __init__(self, channels: int = 5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.rand(channels) + 0.5)
+        self.bias = nn.Parameter(torch.randn(channels) * 0.1)
+        self.register_buffer("running_mean", torch.zeros(channels))
+        self.register_buffer("running_var", torch.ones(channels))
+
+    def forward(self, x):
+        y = F.batch_norm(x, self.running_mean, self.running_var, self.weight, self.bias,
+                         self.training, 0.1, 1e-5)
+        y = F.silu(y)
+        return torch.batch_norm(y, None, None, None, None, True, 0.0, 1e-3, False)
+
+
+class MLP1d(nn.Module):
+    """BatchNorm1d on (N, C) after a Linear, and on (N, C, L)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(7, 6)
+        self.bn = nn.BatchNorm1d(6)
+        self.bn_seq = nn.BatchNorm1d(3)
+
+    def forward(self, x):  # x: (N, 3, 7)
+        h = self.bn(self.fc(x).mean(1))  # (N, 6)
+        return h.unsqueeze(1) * self.bn_seq(x).sum(2, keepdim=True)
+
+
+class Net3d(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm3d(2)
+        self.conv = nn.Conv3d(2, 4, 1)
+
+    def forward(self, x):  # BN first: CPU conv3d outputs are contiguous whatever its input
+        return F.relu(self.conv(self.bn(x)))
+
+
+class LinearBN(nn.Module):
+    """A rank may hold zero samples: BN on a Linear output (a Conv on N=0 trips Inductor)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.bn = nn.BatchNorm1d(5)
+
+    def forward(self, x):
+        return self.bn(self.fc(x))
+
+
+class BN2d(nn.Module):
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(channels)
+        with torch.no_grad():
+            self.bn.weight.uniform_(0.5, 1.5)
+            self.bn.bias.uniform_(-0.5, 0.5)
+
+    def forward(self, x):
+        return self.bn(x)
+
+
+class NotSynced(nn.Module):
+    """Norms that are not training-mode BN: nothing here may become a collective."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import FrozenBatchNorm2d
+
+        self.frozen = FrozenBatchNorm2d(4)
+        self.ln = nn.LayerNorm([4, 5, 5])
+        self.gn = nn.GroupNorm(2, 4)
+        self.inorm = nn.InstanceNorm2d(4, affine=True)
+        self.eval_bn = nn.BatchNorm2d(4).eval()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.eval_bn.eval()  # stays in eval: a BN on running statistics inside a training model
+        return self
+
+    def forward(self, x):
+        return self.eval_bn(self.inorm(self.gn(self.ln(self.frozen(x)))))
+
+
+FACTORIES = {
+    "convnet": ConvNet,
+    "functional": FunctionalBN,
+    "mlp1d": MLP1d,
+    "net3d": Net3d,
+    "linear_bn": LinearBN,
+    "bn2d": BN2d,
+    "not_synced": NotSynced,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Spec:
+    """One training run: what model, which per-rank batches, how many SGD steps."""
+
+    name: str
+    model: str
+    sizes: tuple  # per-rank batch sizes
+    sample_shape: tuple  # one sample's shape
+    steps: int = 2
+    dtype: str = "float32"
+    memory_format: str = "contiguous"
+    sync_batchnorm: bool = False  # nn.SyncBatchNorm.convert_sync_batchnorm first
+    offset: float = 0.0  # add to the data: |mean|/std = offset
+    train: bool = True
+    options: tuple = ()  # backend options as (key, value) pairs
+
+    def build(self, dtype=None) -> nn.Module:
+        torch.manual_seed(zlib.crc32(self.model.encode()))
+        model = FACTORIES[self.model]()
+        if self.sync_batchnorm:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        model.train(self.train)
+        if dtype is not None:
+            model = model.to(dtype)
+        return model
+
+    def batch(self, step: int) -> torch.Tensor:
+        """The global input batch of one step, in the spec's dtype (then widened for a reference)."""
+        g = torch.Generator().manual_seed(1000 + step)
+        x = torch.randn((sum(self.sizes),) + self.sample_shape, generator=g) * 2.0 + 0.5 + self.offset
+        return x.to(getattr(torch, self.dtype))
+
+    def loss_weights(self, step: int, out_shape) -> torch.Tensor:
+        """Fixed random weights w of the loss sum(y * w) over the global batch's output."""
+        g = torch.Generator().manual_seed(2000 + step)
+        return torch.randn((sum(self.sizes),) + tuple(out_shape[1:]), generator=g)
+
+    def local(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
+        start = sum(self.sizes[:rank])
+        return tensor[start : start + self.sizes[rank]]
+
+
+def memory_format(name: str):
+    return {"contiguous": torch.contiguous_format, "channels_last": torch.channels_last,
+            "channels_last_3d": torch.channels_last_3d}[name]

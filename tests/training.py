@@ -1,0 +1,45 @@
+"""One training protocol, run by every rank (compiled, synced) and by the float64 reference
+(eager, one process, the concatenated global batch): forward, loss sum(y * w), backward, gradients
+summed over ranks, SGD step; outputs, input gradients, gradients and buffers recorded per step."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+
+from tests.models import Spec, memory_format
+
+
+def train(spec: Spec, model, forward, rank: int | None = None) -> dict:
+    """``rank`` None: the reference (float64, global batch). Otherwise this rank's slice."""
+    reference = rank is None
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = {"y": [], "dx": [], "grads": [], "buffers": None}
+    for step in range(spec.steps):
+        x = spec.batch(step)
+        if reference:
+            x = x.double()
+        else:
+            x = spec.local(x, rank)
+        x = x.contiguous(memory_format=memory_format(spec.memory_format)) if x.dim() >= 4 else x
+        x = x.detach().requires_grad_()
+        y = forward(x)
+        w = spec.loss_weights(step, y.shape)
+        w = w.double() if reference else spec.local(w, rank)
+        (y.to(w.dtype) * w).sum().backward()
+        if not reference and dist.is_initialized():
+            for p in model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+        out["y"].append(y.detach().clone())
+        out["dx"].append(x.grad.clone())
+        out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        opt.step()
+        opt.zero_grad()
+    out["buffers"] = {n: b.clone() for n, b in model.named_buffers()}
+    return out
+
+
+def reference(spec: Spec) -> dict:
+    model = spec.build(torch.float64)
+    return train(spec, model, model, None)
