@@ -21,6 +21,9 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 __all__ = ["lower", "count_all_reduces"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
+# Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs).
+HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
+              torch.ops.aten.nonzero.default, torch.ops.aten._assert_async.msg}
 
 
 @functools.lru_cache(maxsize=1)
@@ -67,6 +70,8 @@ def _counting_inner_compile(record, gm, example_inputs, **kwargs):
     count, nbytes = count_all_reduces(gm)
     record.collectives[direction] += count
     record.collective_bytes[direction] += nbytes
+    record.host_syncs[direction] += sum(
+        node.op == "call_function" and node.target in HOST_SYNCS for node in gm.graph.nodes)
     return compile_fx_inner(gm, example_inputs, **kwargs)
 
 

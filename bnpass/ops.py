@@ -84,7 +84,7 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         xf = x.float()
         sum_r, m2_r = _local_moments(xf, n_local)
         count = torch.full((1,), n_local, dtype=torch.float64, device=x.device)
-        packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / max(n_local, 1)])
+        packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
         packed = _all_reduce_sum(packed, group_name)
         total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
         mean64 = s1 / total

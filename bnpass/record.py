@@ -19,6 +19,7 @@ class GraphRecord:
     # Filled in by the lowering from the graphs AOTAutograd hands to Inductor.
     collectives: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     collective_bytes: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    host_syncs: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     kernels: dict = dataclasses.field(default_factory=dict)  # "forward"/"backward" -> source path
 
     def count(self, action: str) -> int:
@@ -32,6 +33,7 @@ class GraphRecord:
             "sites": [s.to_json() for s in self.sites],
             "collectives": dict(self.collectives),
             "collective_bytes": dict(self.collective_bytes),
+            "host_syncs": dict(self.host_syncs),
         }
 
 
