@@ -71,7 +71,8 @@ def assert_matches_reference(per_rank: list[dict], spec, tol: float) -> dict[str
 
 def assert_counts(per_rank: list[dict], *, sites: int, synced: int, forward: int, backward: int,
                   graphs: int = 1) -> None:
-    """Sites found and synced, collectives per step (from the compiled graphs), no graph break."""
+    """Sites found and synced, collectives per step (from the compiled graphs), no graph break,
+    no host synchronisation in the compiled graphs."""
     for rank, r in enumerate(per_rank):
         records = r["records"]
         assert len(records) == graphs, f"rank {rank}: {len(records)} graphs compiled, expected {graphs}"
@@ -82,7 +83,8 @@ def assert_counts(per_rank: list[dict], *, sites: int, synced: int, forward: int
             "forward": sum(rec["collectives"]["forward"] for rec in records),
             "backward": sum(rec["collectives"]["backward"] for rec in records),
             "graph_breaks": r["graph_breaks"],
+            "host_syncs": sum(sum(rec["host_syncs"].values()) for rec in records),
         }
         want = {"sites": sites, "synced": synced, "forward": forward, "backward": backward,
-                "graph_breaks": 0}
+                "graph_breaks": 0, "host_syncs": 0}
         assert got == want, f"rank {rank}: {got} != {want}; sites: {all_sites}"

@@ -41,7 +41,7 @@ def _entry(rank, world_size, store_path, result_dir, target, args, pg_timeout_s,
         fn = getattr(importlib.import_module(module_name), fn_name)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
-        if world_size > 0:
+        if dist.is_initialized():
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
         torch.save({"ok": False, "error": traceback.format_exc()}, result_path)

@@ -32,6 +32,16 @@ class ConvNet(nn.Module):
         return self.bn4(self.bn3(b))
 
 
+class ResidualBlock(nn.Module):
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(channels)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)) + x)
+
+
 class FunctionalBN(nn.Module):
     """BN the way timm's BatchNormAct2d and hand-written modules do it: F.batch_norm and
     torch.batch_norm called directly, on parameters and buffers the module owns."""

@@ -22,7 +22,10 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
     model = spec.build()
     if spec.memory_format != "contiguous":
         model = model.to(memory_format=memory_format(spec.memory_format))
-    compiled = torch.compile(model, backend="bnpass", options=dict(spec.options))
+    options = dict(spec.options)
+    if options.get("process_group") == "new_group":  # a group of all ranks, not the default one
+        options["process_group"] = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
+    compiled = torch.compile(model, backend="bnpass", options=options)
     out = train(spec, model, compiled, rank)
     out["records"] = [r.to_json() for r in bnpass.compile_records()]
     out["graph_breaks"] = graph_breaks()
@@ -31,3 +34,56 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
 
 def train_specs(rank: int, world_size: int, specs: list) -> dict:
     return {spec.name: compile_and_train(spec, rank) for spec in specs}
+
+
+def single_rank_checks(rank: int, world_size: int, specs: list) -> dict:
+    """World size 1: the specs, then a compile against a process group that was destroyed."""
+    import torch.distributed as dist
+
+    out = train_specs(rank, world_size, specs)
+    group = dist.new_group([0])
+    dist.destroy_process_group()
+    torch._dynamo.reset()
+    model = specs[0].build()
+    try:
+        torch.compile(model, backend="bnpass", options={"process_group": group})(
+            specs[0].batch(0))
+        out["destroyed_group_error"] = None
+    except Exception as e:  # noqa: BLE001 - the test reads the message
+        out["destroyed_group_error"] = str(e)
+    return out
+
+
+def generated_code(rank: int, world_size: int) -> dict:
+    """One process, a fake 2-rank group: Inductor's code for a conv-BN-add-ReLU training step."""
+    import torch.distributed as dist
+    from torch._inductor.utils import run_and_get_code
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from tests.models import ResidualBlock
+
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    bnpass.clear_records()
+    compiled = torch.compile(ResidualBlock(), backend="bnpass")
+    x = torch.randn(4, 4, 6, 6, requires_grad=True)
+
+    def step():
+        compiled(x).sum().backward()
+
+    _, (forward, backward) = run_and_get_code(step)
+    return {"forward": forward, "backward": backward,
+            "records": [r.to_json() for r in bnpass.compile_records()]}
+
+
+def cache_probe(rank: int, world_size: int, spec: Spec, backend: str, options: dict) -> dict:
+    """One training step under ``backend``; with Inductor's cache counters of this process."""
+    torch._dynamo.utils.counters.clear()
+    bnpass.clear_records()
+    model = spec.build()
+    kwargs = {"options": options} if options else {}
+    compiled = torch.compile(model, backend=backend, **kwargs)
+    out = train(spec, model, compiled, rank)
+    out["cache"] = {k: dict(v) for k, v in torch._dynamo.utils.counters.items()
+                    if k in ("inductor", "aot_autograd")}
+    out["records"] = [r.to_json() for r in bnpass.compile_records()]
+    return out

@@ -125,3 +125,36 @@ def test_eval_mode_model(two_ranks):
     judge(two_ranks, "eval_mode")
     assert_counts(two_ranks["eval_mode"], sites=1, synced=0, forward=0, backward=0)
     assert two_ranks["eval_mode"][0]["records"][0]["sites"][0]["action"] == "skip"
+
+
+SPECS_3 = [
+    Spec("convnet_3", "convnet", (2, 3, 4), (3, 5, 5)),
+    Spec("syncbn_3_group_option", "convnet", (3, 1, 2), (3, 5, 5), sync_batchnorm=True),
+    Spec("group_option_3", "mlp1d", (2, 0, 5), (3, 7), options=(("process_group", "new_group"),)),
+]
+BY_NAME.update({s.name: s for s in SPECS_3})
+
+
+@pytest.fixture(scope="module")
+def three_ranks():
+    results = run_ranks("tests.rank_jobs:train_specs", 3, SPECS_3)
+    return {s.name: [r[s.name] for r in results] for s in SPECS_3}
+
+
+def test_three_ranks_uneven(three_ranks):
+    judge(three_ranks, "convnet_3")
+    assert_counts(three_ranks["convnet_3"], sites=4, synced=4, forward=4, backward=4)
+    assert {s["world_size"] for s in three_ranks["convnet_3"][0]["records"][0]["sites"]} == {3}
+
+
+def test_three_ranks_sync_batchnorm(three_ranks):
+    judge(three_ranks, "syncbn_3_group_option")
+    assert_counts(three_ranks["syncbn_3_group_option"], sites=4, synced=4, forward=4, backward=4)
+
+
+def test_process_group_option(three_ranks):
+    """options={"process_group": pg}: statistics over pg (here all ranks, one of them empty)."""
+    judge(three_ranks, "group_option_3")
+    assert_counts(three_ranks["group_option_3"], sites=2, synced=2, forward=2, backward=2)
+    groups = {s["group"] for r in three_ranks["group_option_3"] for s in r["records"][0]["sites"]}
+    assert len(groups) == 1 and groups != {"0"}, groups  # the new group's name, not the world's
