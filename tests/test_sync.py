@@ -48,6 +48,9 @@ def test_convnet_all_bn_options(two_ranks):
     """BN2d with momentum, momentum=None, no running stats, affine=False; residual add."""
     judge(two_ranks, "convnet")
     assert_counts(two_ranks["convnet"], sites=4, synced=4, forward=4, backward=4)
+    # payload per site: 2C+1 float64 forward, 2C float32 backward (C = 6)
+    for r in two_ranks["convnet"]:
+        assert r["records"][0]["collective_bytes"] == {"forward": 4 * 13 * 8, "backward": 4 * 12 * 4}
 
 
 def test_convert_sync_batchnorm_compiles_and_syncs(two_ranks):

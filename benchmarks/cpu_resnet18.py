@@ -1,0 +1,130 @@
+"""CPU benchmark: resnet18 training-step time, eager vs inductor (both unsynced) vs bnpass (synced).
+
+torchvision resnet18 (10 classes), 64x64 images, batch 8 per rank, 2 gloo ranks x 1 thread, DDP in
+every variant, SGD. All variants run in one process tree, interleaved in rounds (eager, inductor,
+bnpass, eager, ...) so that machine noise hits them alike; the figure is the median over rounds of
+the mean step time of a round, on rank 0.
+
+    python benchmarks/cpu_resnet18.py [--rounds 7 --steps 10] [--results benchmarks/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+import torch.nn as nn
+import torch.nn.functional as F
+
+VARIANTS = ("eager", "inductor", "bnpass")
+
+
+def build(variant: str):
+    import torchvision
+
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(torchvision.models.resnet18(num_classes=10))
+    if variant == "eager":
+        return model, model
+    return model, torch.compile(model, backend=variant)
+
+
+def step(model, compiled, opt, images, labels):
+    loss = F.cross_entropy(compiled(images), labels)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def rank_main(rank, world, store, args, queue):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+    g = torch.Generator().manual_seed(rank)
+    images = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    labels = torch.randint(0, 10, (args.batch,), generator=g)
+    runs = {}
+    compile_s = {}
+    for variant in VARIANTS:
+        model, compiled = build(variant)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        start = time.perf_counter()
+        for _ in range(2):  # the first step compiles; the second settles allocations
+            step(model, compiled, opt, images, labels)
+        compile_s[variant] = time.perf_counter() - start
+        runs[variant] = (model, compiled, opt)
+    times = {v: [] for v in VARIANTS}
+    for _ in range(args.rounds):
+        for variant in VARIANTS:
+            model, compiled, opt = runs[variant]
+            dist.barrier()
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                step(model, compiled, opt, images, labels)
+            times[variant].append((time.perf_counter() - start) / args.steps)
+    if rank == 0:
+        import bnpass
+
+        records = bnpass.compile_records()
+        queue.put({
+            "times": times, "compile_s": compile_s,
+            "sites": sum(len(r.sites) for r in records),
+            "synced": sum(r.count("sync") for r in records),
+            "collectives": {d: sum(r.collectives[d] for r in records) for d in ("forward", "backward")},
+        })
+    dist.destroy_process_group()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--results", help="append the table to this markdown file")
+    args = parser.parse_args(argv)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=rank_main, args=(r, 2, os.path.join(tmp, "store"), args, queue))
+                 for r in range(2)]
+        for p in procs:
+            p.start()
+        result = queue.get(timeout=3600)
+        for p in procs:
+            p.join()
+    median = {v: statistics.median(result["times"][v]) * 1e3 for v in VARIANTS}
+    lines = [
+        f"resnet18, {args.size}x{args.size}, batch {args.batch} per rank, 2 gloo ranks x 1 thread, DDP; "
+        f"median of {args.rounds} rounds x {args.steps} steps; torch {torch.__version__}, "
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        "",
+        "| variant | BN | step time (ms) | vs inductor | first 2 steps (s, compile) |",
+        "| --- | --- | --- | --- | --- |",
+    ]
+    for v in VARIANTS:
+        bn = "synced" if v == "bnpass" else "unsynced"
+        lines.append(f"| {v} | {bn} | {median[v]:.1f} | {median[v] / median['inductor']:.3f} | "
+                     f"{result['compile_s'][v]:.1f} |")
+    lines += ["", f"bnpass: {result['sites']} BN sites, {result['synced']} synced, collectives per step: "
+              f"forward {result['collectives']['forward']}, backward {result['collectives']['backward']}. "
+              f"Rounds (ms): " + "; ".join(
+                  f"{v} " + " ".join(f"{t * 1e3:.0f}" for t in result["times"][v]) for v in VARIANTS)]
+    text = "\n".join(lines)
+    print(text)
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(f"\n### {time.strftime('%Y-%m-%d')}: `python benchmarks/cpu_resnet18.py"
+                    f"{' ' + ' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
