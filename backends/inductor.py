@@ -5,11 +5,13 @@ Two things are added to a stock Inductor compile:
   options that change code), so that neither AOTAutograd's nor Inductor's FX graph cache can serve
   a stock graph, or one from another bnpass version or options, to this compile (shared/FACTS.md);
 * an ``inner_compile`` wrapper that counts the collectives in the forward and backward graphs that
-  AOTAutograd hands to Inductor, into the compile's ``GraphRecord``.
+  AOTAutograd hands to Inductor, into the compile's ``GraphRecord``, and keeps a digest of those
+  graphs and Inductor's generated code for ``bnpass inspect`` (bnpass/inspect_capture.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 from pathlib import Path
@@ -17,6 +19,8 @@ from pathlib import Path
 import torch
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
+
+from bnpass.inspect_capture import digest, kernel_info
 
 __all__ = ["lower", "count_all_reduces"]
 
@@ -72,7 +76,25 @@ def _counting_inner_compile(record, gm, example_inputs, **kwargs):
     record.collective_bytes[direction] += nbytes
     record.host_syncs[direction] += sum(
         node.op == "call_function" and node.target in HOST_SYNCS for node in gm.graph.nodes)
-    return compile_fx_inner(gm, example_inputs, **kwargs)
+    record.graphs[direction] = digest(gm, record.site_nodes, direction)
+    with _provenance_scope():
+        compiled = compile_fx_inner(gm, example_inputs, **kwargs)
+    record.kernels[direction] = kernel_info(compiled)
+    return compiled
+
+
+@contextlib.contextmanager
+def _provenance_scope():
+    """Let Inductor's provenance tracking (kernel -> FX nodes, off unless ``bnpass inspect --kernels``
+    turns it on) work for a backward compiled lazily, outside ``compile_fx``'s own provenance scope."""
+    debug = torch._inductor.debug
+    scope = getattr(debug, "reset_provenance_globals", None)
+    if (torch._inductor.config.trace.provenance_tracking_level == 0 or scope is None
+            or getattr(debug, "_pre_grad_graph_id", None)):
+        yield
+        return
+    with scope():
+        yield
 
 
 def lower(gm, example_inputs, options, record):

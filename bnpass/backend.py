@@ -11,6 +11,7 @@ from typing import Optional
 import torch
 
 from . import capture
+from .inspect_capture import after_rewrite, snapshot_sites
 from .options import Options
 from .record import new_record
 from .rewrite import rewrite_sites
@@ -30,7 +31,9 @@ def bnpass_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     group = opts.group()
     sites = find_sites(gm, group.name, group.world_size, opts.force_sync, group.why_local)
     record = new_record(sites, group.name, group.world_size)
+    before = snapshot_sites(gm, sites)
     rewrite_sites(gm, sites)
+    record.site_nodes, record.snapshots = after_rewrite(gm, sites, before)
     compiled = lower(gm, example_inputs, opts, record)
     return compiled
 

@@ -20,7 +20,15 @@ class GraphRecord:
     collectives: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     collective_bytes: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     host_syncs: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
-    kernels: dict = dataclasses.field(default_factory=dict)  # "forward"/"backward" -> source path
+    # For `bnpass inspect` (plain data, see inspect_capture.py). Filled in by the backend around the
+    # rewrite: site index -> the Dynamo node names of the site (its BN call, the node in its place), and
+    # site index -> {"before": lines, "after": lines} of the Dynamo graph around the site.
+    site_nodes: dict = dataclasses.field(default_factory=dict)
+    snapshots: dict = dataclasses.field(default_factory=dict)
+    # Filled in by the lowering: "forward"/"backward" -> inspect_capture.digest(...) of the graph handed
+    # to Inductor, and -> inspect_capture.kernel_info(...) of what Inductor generated for it.
+    graphs: dict = dataclasses.field(default_factory=dict)
+    kernels: dict = dataclasses.field(default_factory=dict)
 
     def count(self, action: str) -> int:
         return sum(site.action == action for site in self.sites)
