@@ -183,7 +183,8 @@ def _overview(g: nx.DiGraph, graph: int, direction: str) -> nx.DiGraph:
     members: dict = {}
     box_of: dict = {}
     part = [n for n, a in g.nodes(data=True)
-            if a["graph"] == graph and a["direction"] == direction and a["kind"] == "op"]
+            if a["graph"] == graph and a["direction"] == direction and a["kind"] == "op"
+            and (a["site"] is not None or _drawn_in_overview(a["shape"]))]
     feeds_reduce = _feeds_all_reduce(g, part) if direction == "backward" else set()
     for node in part:
         a = g.nodes[node]
@@ -207,14 +208,31 @@ def _overview(g: nx.DiGraph, graph: int, direction: str) -> nx.DiGraph:
                          sub=f"{a['phase']}{when} · {len(parts)} op{'s' * (len(parts) != 1)}",
                          site=a["site"], phase=a["phase"], dashed=key.endswith("/recomputed"),
                          tip=f"site {a['site']} {a['site_name']}, {a['phase']}: {ops}")
-    for u, v in g.edges:
-        if u in box_of and v in box_of and box_of[u] != box_of[v]:
-            box.add_edge(box_of[u], box_of[v])
+    def drawn_sources(node, seen) -> set:  # the drawn ops a left-out op passes values on from
+        if node in box_of:
+            return {box_of[node]}
+        a = g.nodes[node]
+        if node in seen or a["kind"] != "op" or a["graph"] != graph or a["direction"] != direction:
+            return set()
+        seen.add(node)
+        return set().union(*(drawn_sources(p, seen) for p in g.predecessors(node)))
+
+    for v in box_of:
+        for u in g.predecessors(v):
+            for source in drawn_sources(u, set()):
+                if source != box_of[v]:
+                    box.add_edge(source, box_of[v])
     if nx.is_directed_acyclic_graph(box):  # draw in an order that has no back edge
         order = nx.lexicographical_topological_sort(box, key=lambda k: box.nodes[k]["rank"])
         for i, key in enumerate(order):
             box.nodes[key]["rank"] = i
     return box
+
+
+def _drawn_in_overview(shape: str) -> bool:
+    """Ops whose result is not a 0-d or integer tensor: those (num_batches_tracked += 1 and its
+    copy-back, constants) are bookkeeping that the overview leaves out, drawing edges through them."""
+    return not (shape.startswith(("int", "uint")) or shape.endswith("[]"))
 
 
 def _feeds_all_reduce(g: nx.DiGraph, part: list) -> set:
@@ -308,8 +326,9 @@ def render_html(data: dict, site: Optional[int] = None) -> str:
                     continue
                 box = _overview(g, graph["index"], direction)
                 parts.append(f"<h2>graph {graph['index']} {direction}: overview</h2>")
-                parts.append("<p>One box per phase of each site, one per other op; graph inputs and "
-                             "outputs are not drawn. Hover for the ops in a box. A dashed red edge "
+                parts.append("<p>One box per phase of each site, one per other op; graph inputs, "
+                             "outputs and scalar or integer bookkeeping (such as num_batches_tracked) "
+                             "are not drawn. Hover for the ops in a box. A dashed red edge "
                              "runs against the drawing's order (boxes that merge ops can form a cycle)."
                              "</p>")
                 svg = _svg(box, f"graph {graph['index']} {direction}")

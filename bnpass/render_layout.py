@@ -1,6 +1,6 @@
 """A small layered (Sugiyama-style) layout for the html picture, so that it needs no graphviz.
 
-Layers by longest path from the sources; within a layer, nodes ordered by the mean position of their
+Layers by longest path from the sources (a source moved down to just above its first consumer); within a layer, nodes ordered by the mean position of their
 neighbours in the layer above, then below (a few sweeps). Edges that would close a cycle (possible
 once a picture merges nodes) are left out of the layering and reported as back edges.
 """
@@ -33,6 +33,9 @@ def layered_layout(graph: nx.DiGraph, rank: dict, sweeps: int = 4) -> tuple[dict
     for node in sorted(dag.nodes, key=rank.__getitem__):
         preds = list(dag.predecessors(node))
         layer[node] = 1 + max((layer[p] for p in preds), default=-1)
+    for node in dag.nodes:  # a source sits just above its first consumer, not at the top
+        if dag.in_degree(node) == 0 and dag.out_degree(node) > 0:
+            layer[node] = min(layer[s] for s in dag.successors(node)) - 1
     layers: list[list] = [[] for _ in range(max(layer.values()) + 1)]
     for node in sorted(dag.nodes, key=rank.__getitem__):
         layers[layer[node]].append(node)
