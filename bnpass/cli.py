@@ -5,8 +5,9 @@
                           [--format text|json|dot|html] [--output FILE] [--site K] [--kernels]
 
 ``inspect`` compiles TARGET with ``torch.compile(backend="bnpass")`` in this process, on a fake
-process group of ``--world-size`` ranks, runs one training step (forward, then backward of the sum
-of the outputs; ``--eval``: the forward only, under ``no_grad``), and shows what the backend
+process group of ``--world-size`` ranks, runs one training step on a seeded random input on the
+model's device (forward, then backward of the sum of the outputs; ``--eval``: the forward only,
+under ``no_grad``), and shows what the backend
 recorded: which BatchNorms it synced, left local or skipped and why, the collectives in the compiled
 graphs, graph breaks; ``--site K`` the Dynamo graph around site K before and after the rewrite;
 ``--kernels`` Inductor's generated code with the kernels that touch each site marked.

@@ -95,9 +95,15 @@ def fake_world(world_size: int):
         dist.destroy_process_group()
 
 
-def _input(args: InspectArgs) -> torch.Tensor:
+def _device(model: torch.nn.Module) -> torch.device:
+    """Where the factory put the model (a CUDA model gets Triton kernels); CPU without tensors."""
+    tensor = next(iter(model.parameters()), next(iter(model.buffers()), None))
+    return tensor.device if tensor is not None else torch.device("cpu")
+
+
+def _input(args: InspectArgs, device: torch.device) -> torch.Tensor:
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(args.input_shape, generator=gen).to(getattr(torch, args.dtype))
+    x = torch.randn(args.input_shape, generator=gen).to(device=device, dtype=getattr(torch, args.dtype))
     if args.channels_last:
         x = x.contiguous(memory_format=_memory_format(len(args.input_shape)))
     return x
@@ -145,7 +151,7 @@ def inspect_model(args: InspectArgs, progress: Progress) -> dict:
     model = model.to(getattr(torch, args.dtype))
     if args.channels_last:
         model = model.to(memory_format=_memory_format(len(args.input_shape)))
-    x = _input(args)
+    x = _input(args, _device(model))
     mode = "train" if model.training else "eval"
 
     torch._dynamo.reset()
