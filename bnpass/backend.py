@@ -11,9 +11,10 @@ from typing import Optional
 import torch
 
 from . import capture
+from .agree import agree
 from .inspect_capture import after_rewrite, snapshot_sites
-from .options import Options
-from .record import new_record
+from .options import BNPassError, Options
+from .record import keep, new_record
 from .rewrite import rewrite_sites
 from .sites import find_sites
 
@@ -30,12 +31,55 @@ def bnpass_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     opts = Options.from_user(options, mode)
     group = opts.group()
     sites = find_sites(gm, group.name, group.world_size, opts.force_sync, group.why_local)
+    _check_group_devices(sites)
     record = new_record(sites, group.name, group.world_size)
     before = snapshot_sites(gm, sites)
     rewrite_sites(gm, sites)
     record.site_nodes, record.snapshots = after_rewrite(gm, sites, before)
     compiled = lower(gm, example_inputs, opts, record)
-    return compiled
+    keep(record)
+    return _AgreeFirst(compiled, record, group.name, opts.agree_timeout_s)
 
 
 setattr(bnpass_backend, capture.BACKEND_MARK, True)
+
+
+def _check_group_devices(sites) -> None:
+    """A synced site's tensors must be on a device its group has a backend for (not NCCL + CPU)."""
+    import torch.distributed as dist
+    from torch.distributed.distributed_c10d import _resolve_process_group
+
+    for site in sites:
+        val = site.call.input.meta.get("example_value") if site.action == "sync" else None
+        if val is None:
+            continue
+        config = str(dist.get_backend_config(_resolve_process_group(site.group)))
+        devices = {part.split(":")[0] for part in config.split(",") if ":" in part}
+        if devices and val.device.type not in devices:
+            raise BNPassError(
+                f"bnpass: BatchNorm {site.name!r} runs on {val.device.type} tensors but its process "
+                f"group {site.group} has backends only for {sorted(devices)} ({config}). Use a group "
+                f"with a {val.device.type} backend (gloo for CPU, nccl for CUDA), e.g. "
+                f"torch.distributed.new_group(backend=...), or move the model to {sorted(devices)[0]}.")
+
+
+class _AgreeFirst:
+    """The compiled graph; its first call waits until the other ranks compiled the same sites."""
+
+    def __init__(self, compiled, record, group_name, timeout_s):
+        self._compiled = compiled
+        self._record = record
+        self._group_name = group_name
+        self._timeout_s = timeout_s
+        self._agreed = False
+
+    def __call__(self, *args):
+        if not self._agreed:
+            context = "; ".join(f"{s.name}: {s.action} ({s.reason})" for s in self._record.sites) \
+                or "no BatchNorm"
+            agree(self._record.sites, self._group_name, self._timeout_s, context)
+            self._agreed = True
+        return self._compiled(*args)
+
+    def __getattr__(self, name):  # _boxed_call and the like of Inductor's compiled callable
+        return getattr(self._compiled, name)

@@ -16,7 +16,6 @@ The rewrite removes every tag. Eager code and every other backend run the stock 
 
 from __future__ import annotations
 
-import inspect
 from typing import Optional
 
 import torch
@@ -28,7 +27,10 @@ __all__ = ["install", "bn_site"]
 
 BACKEND_MARK = "_bnpass_backend"  # attribute set on the backend entry function
 EVAL_BATCH_STATS = ""  # tag group name: a module in eval mode normalizing with batch statistics
-_WRAPPER_ATTRS = ("compiler_fn", "_torchdynamo_orig_backend", "backend_compile_fn", "__wrapped__")
+# How Dynamo's wrappers hold the backend they wrap: _TorchCompileWrapper, WrapBackendDebug,
+# DDPOptimizer (whose bound compile_fn is what Dynamo holds: __self__), functools.wraps.
+_WRAPPER_ATTRS = ("compiler_fn", "_torchdynamo_orig_backend", "backend_compile_fn", "__self__",
+                  "__wrapped__")
 
 
 @torch.library.custom_op("bnpass::bn_site", mutates_args=())
@@ -52,23 +54,17 @@ def _tracing_for_bnpass() -> bool:
 
     tx = InstructionTranslator.current_tx()
     fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
-    for _ in range(8):
-        if fn is None:
-            return False
+    seen = set()
+    todo = [fn]
+    while todo:  # breadth-first through the wrappers (a bound method: its function and its object)
+        fn = todo.pop(0)
+        if fn is None or id(fn) in seen or len(seen) > 32:
+            continue
+        seen.add(id(fn))
         if getattr(fn, BACKEND_MARK, False):
             return True
-        fn = next(
-            (inspect.getattr_static(fn, a) for a in _WRAPPER_ATTRS if _has_static(fn, a)), None
-        )
+        todo.extend(getattr(fn, attr, None) for attr in _WRAPPER_ATTRS)
     return False
-
-
-def _has_static(obj, attr: str) -> bool:
-    try:
-        inspect.getattr_static(obj, attr)
-        return True
-    except AttributeError:
-        return False
 
 
 def _group_name(module: nn.SyncBatchNorm) -> str:

@@ -21,6 +21,7 @@ _DOC = {
     "process_group": "ProcessGroup to reduce statistics over (default: the default group)",
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
+    "agree_timeout_s": "seconds a rank waits for the others to compile the same BatchNorms (300)",
 }
 
 
@@ -38,6 +39,7 @@ class Options:
     process_group: Any = None
     force_sync: bool = False
     inductor_config: dict = dataclasses.field(default_factory=dict)
+    agree_timeout_s: float = 300.0
     mode: Optional[str] = None
 
     @classmethod
@@ -50,6 +52,10 @@ class Options:
         opts = cls(mode=mode, **options)
         if not isinstance(opts.force_sync, bool):
             raise BNPassError(f"option force_sync must be a bool, got {type(opts.force_sync).__name__}")
+        if isinstance(opts.agree_timeout_s, bool) or not isinstance(opts.agree_timeout_s, (int, float)) \
+                or not opts.agree_timeout_s > 0:
+            raise BNPassError(f"option agree_timeout_s must be a positive number of seconds, got "
+                              f"{opts.agree_timeout_s!r}")
         if not isinstance(opts.inductor_config, dict):
             raise BNPassError("option inductor_config must be a dict of torch._inductor.config names")
         if "post_grad_custom_post_pass" in opts.inductor_config:

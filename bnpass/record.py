@@ -7,7 +7,7 @@ from typing import Optional
 
 from .sites import Site
 
-__all__ = ["GraphRecord", "compile_records", "clear_records", "new_record"]
+__all__ = ["GraphRecord", "compile_records", "clear_records", "new_record", "keep"]
 
 
 @dataclasses.dataclass
@@ -49,9 +49,14 @@ _RECORDS: list[GraphRecord] = []
 
 
 def new_record(sites: list[Site], group: Optional[str], world_size: int) -> GraphRecord:
-    record = GraphRecord(len(_RECORDS), sites, group, world_size)
+    """A record for a graph being compiled; ``keep`` it once the compile succeeded (Dynamo may
+    abandon a compile and restart the frame's analysis)."""
+    return GraphRecord(-1, sites, group, world_size)
+
+
+def keep(record: GraphRecord) -> None:
+    record.graph_index = len(_RECORDS)
     _RECORDS.append(record)
-    return record
 
 
 def compile_records() -> list[GraphRecord]:

@@ -23,10 +23,14 @@ DEFAULT_DEADLINE_S = float(os.environ.get("BNPASS_TEST_DEADLINE_S", 900))
 
 
 class RankFailure(AssertionError):
-    pass
+    """Some rank failed; ``results[r]`` is what rank r reported (None where it failed)."""
+
+    def __init__(self, message: str, results: list):
+        super().__init__(message)
+        self.results = results
 
 
-def _entry(rank, world_size, store_path, result_dir, target, args, pg_timeout_s, env):
+def _entry(rank, world_size, store_path, result_dir, target, args, pg_timeout_s, env, backend):
     os.environ.update(env)
     torch.set_num_threads(1)
     result_path = Path(result_dir) / f"rank{rank}.pt"
@@ -34,13 +38,15 @@ def _entry(rank, world_size, store_path, result_dir, target, args, pg_timeout_s,
         import torch.distributed as dist
 
         if world_size > 0:
-            dist.init_process_group("gloo", init_method=f"file://{store_path}", rank=rank,
+            dist.init_process_group(backend, init_method=f"file://{store_path}", rank=rank,
                                     world_size=world_size,
                                     timeout=datetime.timedelta(seconds=pg_timeout_s))
         module_name, fn_name = target.split(":")
         fn = getattr(importlib.import_module(module_name), fn_name)
         result = fn(rank, world_size, *args)
         torch.save({"ok": True, "result": result}, result_path)
+        if isinstance(result, dict) and result.get("exit_now"):
+            os._exit(0)  # a peer died: tearing the group down could block
         if dist.is_initialized():
             dist.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the parent with the traceback
@@ -49,10 +55,11 @@ def _entry(rank, world_size, store_path, result_dir, target, args, pg_timeout_s,
 
 
 def run_ranks(target: str, world_size: int, *args, deadline_s: float = DEFAULT_DEADLINE_S,
-              pg_timeout_s: float = 120.0, env: dict | None = None) -> list:
+              pg_timeout_s: float = 120.0, env: dict | None = None, backend: str = "gloo") -> list:
     """Run ``module:function(rank, world_size, *args)`` on ``world_size`` ranks; their results.
 
-    ``world_size=0`` runs one process with no process group. Raises RankFailure naming the ranks that
+    ``world_size=0`` runs one process with no process group. A result dict with ``exit_now`` true
+    makes its rank exit right after reporting (no process-group teardown). Raises RankFailure naming the ranks that
     raised (with their tracebacks), died without a word, or missed the deadline.
     """
     ctx = mp.get_context("spawn")
@@ -61,7 +68,7 @@ def run_ranks(target: str, world_size: int, *args, deadline_s: float = DEFAULT_D
         store = os.path.join(tmp, "store")
         env = {"PYTHONUNBUFFERED": "1", **(env or {})}
         procs = [ctx.Process(target=_entry, args=(r, world_size, store, tmp, target, args,
-                                                   pg_timeout_s, env), daemon=True)
+                                                   pg_timeout_s, env, backend), daemon=True)
                  for r in range(nprocs)]
         for p in procs:
             p.start()
@@ -73,7 +80,7 @@ def run_ranks(target: str, world_size: int, *args, deadline_s: float = DEFAULT_D
             if p.is_alive():
                 p.kill()
                 p.join()
-        results, problems = [], []
+        results, problems = [None] * nprocs, []
         for r, p in enumerate(procs):
             path = Path(tmp) / f"rank{r}.pt"
             report = torch.load(path, weights_only=False) if path.exists() else None
@@ -84,7 +91,7 @@ def run_ranks(target: str, world_size: int, *args, deadline_s: float = DEFAULT_D
             elif not report["ok"]:
                 problems.append(f"rank {r} raised:\n{report['error']}")
             else:
-                results.append(report["result"])
+                results[r] = report["result"]
         if problems:
-            raise RankFailure(f"{target} on {world_size} rank(s):\n" + "\n".join(problems))
+            raise RankFailure(f"{target} on {world_size} rank(s):\n" + "\n".join(problems), results)
         return results

@@ -156,6 +156,10 @@ class Spec:
     offset: float = 0.0  # add to the data: |mean|/std = offset
     train: bool = True
     options: tuple = ()  # backend options as (key, value) pairs
+    compile_kwargs: tuple = ()  # torch.compile arguments as (key, value) pairs: fullgraph, dynamic
+    step_sizes: tuple = ()  # per-step per-rank batch sizes; `sizes` for steps not listed
+    accumulate: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
+    ddp: str = ""  # "outer": torch.compile(DDP(model)); "inner": DDP(torch.compile(model))
 
     def build(self, dtype=None) -> nn.Module:
         torch.manual_seed(zlib.crc32(self.model.encode()))
@@ -167,20 +171,25 @@ class Spec:
             model = model.to(dtype)
         return model
 
+    def sizes_at(self, step: int) -> tuple:
+        return self.step_sizes[step] if step < len(self.step_sizes) else self.sizes
+
     def batch(self, step: int) -> torch.Tensor:
         """The global input batch of one step, in the spec's dtype (then widened for a reference)."""
         g = torch.Generator().manual_seed(1000 + step)
-        x = torch.randn((sum(self.sizes),) + self.sample_shape, generator=g) * 2.0 + 0.5 + self.offset
+        n = sum(self.sizes_at(step))
+        x = torch.randn((n,) + self.sample_shape, generator=g) * 2.0 + 0.5 + self.offset
         return x.to(getattr(torch, self.dtype))
 
     def loss_weights(self, step: int, out_shape) -> torch.Tensor:
         """Fixed random weights w of the loss sum(y * w) over the global batch's output."""
         g = torch.Generator().manual_seed(2000 + step)
-        return torch.randn((sum(self.sizes),) + tuple(out_shape[1:]), generator=g)
+        return torch.randn((sum(self.sizes_at(step)),) + tuple(out_shape[1:]), generator=g)
 
-    def local(self, tensor: torch.Tensor, rank: int) -> torch.Tensor:
-        start = sum(self.sizes[:rank])
-        return tensor[start : start + self.sizes[rank]]
+    def local(self, tensor: torch.Tensor, rank: int, step: int) -> torch.Tensor:
+        sizes = self.sizes_at(step)
+        start = sum(sizes[:rank])
+        return tensor[start : start + sizes[rank]]
 
 
 def memory_format(name: str):

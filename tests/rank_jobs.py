@@ -25,10 +25,18 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
     options = dict(spec.options)
     if options.get("process_group") == "new_group":  # a group of all ranks, not the default one
         options["process_group"] = torch.distributed.new_group(list(range(torch.distributed.get_world_size())))
-    compiled = torch.compile(model, backend="bnpass", options=options)
-    out = train(spec, model, compiled, rank)
+    ddp = None
+    if spec.ddp == "outer":
+        ddp = torch.nn.parallel.DistributedDataParallel(model)
+        compiled = torch.compile(ddp, backend="bnpass", options=options, **dict(spec.compile_kwargs))
+    else:
+        compiled = torch.compile(model, backend="bnpass", options=options, **dict(spec.compile_kwargs))
+        if spec.ddp == "inner":
+            compiled = ddp = torch.nn.parallel.DistributedDataParallel(compiled)
+    out = train(spec, model, compiled, rank, ddp)
     out["records"] = [r.to_json() for r in bnpass.compile_records()]
     out["graph_breaks"] = graph_breaks()
+    out["graph_break_reasons"] = {k[:400]: v for k, v in torch._dynamo.utils.counters["graph_break"].items()}
     return out
 
 

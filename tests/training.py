@@ -1,8 +1,12 @@
 """One training protocol, run by every rank (compiled, synced) and by the float64 reference
-(eager, one process, the concatenated global batch): forward, loss sum(y * w), backward, gradients
-summed over ranks, SGD step; outputs, input gradients, gradients and buffers recorded per step."""
+(eager, one process, the concatenated global batch): forward, loss sum(y * w), backward (with
+gradient accumulation over ``spec.accumulate`` passes), gradients summed over ranks (by hand, or by
+DDP and scaled back from its average), SGD step; outputs and input gradients recorded per pass,
+gradients per optimizer step, buffers at the end."""
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 import torch.distributed as dist
@@ -10,8 +14,9 @@ import torch.distributed as dist
 from tests.models import Spec, memory_format
 
 
-def train(spec: Spec, model, forward, rank: int | None = None) -> dict:
-    """``rank`` None: the reference (float64, global batch). Otherwise this rank's slice."""
+def train(spec: Spec, model, forward, rank: int | None = None, ddp=None) -> dict:
+    """``rank`` None: the reference (float64, global batch). Otherwise this rank's slice.
+    ``ddp``: the DistributedDataParallel module that averages this rank's gradients."""
     reference = rank is None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     out = {"y": [], "dx": [], "grads": [], "buffers": None}
@@ -20,19 +25,27 @@ def train(spec: Spec, model, forward, rank: int | None = None) -> dict:
         if reference:
             x = x.double()
         else:
-            x = spec.local(x, rank)
+            x = spec.local(x, rank, step)
         x = x.contiguous(memory_format=memory_format(spec.memory_format)) if x.dim() >= 4 else x
         x = x.detach().requires_grad_()
-        y = forward(x)
-        w = spec.loss_weights(step, y.shape)
-        w = w.double() if reference else spec.local(w, rank)
-        (y.to(w.dtype) * w).sum().backward()
-        if not reference and dist.is_initialized():
-            for p in model.parameters():
-                if p.grad is not None:
-                    dist.all_reduce(p.grad)
+        last_pass = (step + 1) % spec.accumulate == 0
+        with ddp.no_sync() if ddp is not None and not last_pass else contextlib.nullcontext():
+            y = forward(x)
+            w = spec.loss_weights(step, y.shape)
+            w = w.double() if reference else spec.local(w, rank, step)
+            (y.to(w.dtype) * w).sum().backward()
         out["y"].append(y.detach().clone())
         out["dx"].append(x.grad.clone())
+        if not last_pass:
+            continue
+        if not reference and dist.is_initialized():
+            for p in model.parameters():
+                if p.grad is None:
+                    continue
+                if ddp is not None:
+                    p.grad.mul_(dist.get_world_size())  # DDP averaged; the reference sums
+                else:
+                    dist.all_reduce(p.grad)
         out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()

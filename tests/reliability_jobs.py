@@ -1,0 +1,62 @@
+"""Rank-side jobs of tests/test_reliability.py: ranks that disagree, die, or meet a bad group."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from tests.models import BN2d
+
+
+def _step(model, x, options):
+    compiled = torch.compile(model, backend="bnpass", options=options)
+    compiled(x.requires_grad_()).square().sum().backward()
+
+
+def divergent(rank: int, world_size: int, case: str, timeout_s: float) -> dict:
+    """Each rank compiles what ``case`` says; returns what the step raised and when."""
+    torch._dynamo.reset()
+    channels, dtype, train = 4, torch.float32, True
+    if case == "channels" and rank == 1:
+        channels = 6
+    if case == "eval" and rank == 1:
+        train = False
+    if case == "dtype" and rank == 1:
+        dtype = torch.bfloat16
+    model = BN2d(channels).train(train)
+    x = torch.randn(3, channels, 4, 4).to(dtype)
+    start = time.monotonic()
+    try:
+        _step(model, x, {"agree_timeout_s": timeout_s})
+        return {"error": None, "elapsed": time.monotonic() - start}
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        return {"error": str(e), "type": type(e).__name__, "elapsed": time.monotonic() - start}
+
+
+def dead_rank(rank: int, world_size: int) -> dict:
+    """Both ranks take a step; then rank 1 dies and rank 0 takes another."""
+    model = BN2d(4)
+    compiled = torch.compile(model, backend="bnpass")
+    compiled(torch.randn(3, 4, 4, 4)).sum().backward()
+    if rank == 1:
+        os._exit(3)
+    start = time.monotonic()
+    try:
+        compiled(torch.randn(3, 4, 4, 4)).sum().backward()
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        error = f"{type(e).__name__}: {e}"
+    return {"error": error, "elapsed": time.monotonic() - start, "exit_now": True}
+
+
+def group_without_cpu_backend(rank: int, world_size: int) -> str | None:
+    """The default group was created as "cuda:gloo": it has no backend for CPU tensors."""
+    try:
+        _step(BN2d(4), torch.randn(3, 4, 4, 4), {"force_sync": True})
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        return str(e)
+    return None

@@ -1,0 +1,106 @@
+"""DDP, fullgraph, dynamic shapes, gradient accumulation; divergent, dead and misconfigured ranks:
+the right numbers or a "bnpass:" error within a deadline, never a hang or a silent wrong answer."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.checks import assert_counts, assert_matches_reference
+from tests.harness import RankFailure, run_ranks
+from tests.models import Spec
+
+TOL = 2e-5
+SPECS = [
+    Spec("ddp_outer", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="outer"),
+    Spec("ddp_inner", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="inner"),
+    Spec("fullgraph", "convnet", (3, 2), (3, 5, 5), compile_kwargs=(("fullgraph", True),)),
+    Spec("fullgraph_syncbn", "convnet", (3, 2), (3, 5, 5), sync_batchnorm=True,
+         compile_kwargs=(("fullgraph", True),)),
+    # dynamic=True: ranks with different batch sizes in the same step, 4 sizes on each rank
+    Spec("dynamic", "convnet", (3, 5), (3, 5, 5), steps=4, step_sizes=((3, 5), (4, 2), (2, 6), (5, 3)),
+         compile_kwargs=(("dynamic", True),)),
+    # automatic dynamic: rank 0 recompiles at step 1, rank 1 at step 2; then no more recompiles
+    Spec("automatic_dynamic", "mlp1d", (3, 5), (3, 7), steps=4,
+         step_sizes=((3, 5), (4, 5), (2, 6), (5, 2))),
+
+    Spec("accumulate", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2),
+    Spec("accumulate_ddp_no_sync", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2, ddp="outer"),
+]
+BY_NAME = {s.name: s for s in SPECS}
+# torch.compile(DDP(model)) breaks the graph in DDP's own forward (its Logger, Reducer,
+# _inside_ddp_forward), with any backend; breaks inside the model are still counted.
+DDP_FORWARD = ("DistributedDataParallel", "Logger", "Reducer")
+
+
+@pytest.fixture(scope="module")
+def runs():
+    results = run_ranks("tests.rank_jobs:train_specs", 2, SPECS)
+    return {name: [r[name] for r in results] for name in BY_NAME}
+
+
+def _totals(per_rank, **kw):
+    assert_counts(per_rank, sites=4, synced=4, forward=4, backward=4, **kw)
+
+
+@pytest.mark.parametrize("name", ["ddp_outer", "ddp_inner"])
+def test_ddp(runs, name):
+    """torch.compile(DDP(model)) and DDP(torch.compile(model)), 3 SGD steps."""
+    assert_matches_reference(runs[name], BY_NAME[name], TOL)
+    _totals(runs[name], graphs=None, breaks_outside_bn=DDP_FORWARD)
+
+
+@pytest.mark.parametrize("name", ["fullgraph", "fullgraph_syncbn"])
+def test_fullgraph(runs, name):
+    assert_matches_reference(runs[name], BY_NAME[name], TOL)
+    _totals(runs[name])
+
+
+def test_dynamic_true_does_not_recompile_per_batch_size(runs):
+    """4 batch sizes per rank, 2 graphs: torch 2.14's Dynamo compiles the first call of a
+    dynamic=True module with static sizes and recompiles once with a symbolic batch size (the
+    stock backends do the same); after that no size recompiles."""
+    assert_matches_reference(runs["dynamic"], BY_NAME["dynamic"], TOL)
+    for rank in runs["dynamic"]:
+        assert len(rank["records"]) == 2
+        for record in rank["records"]:  # each graph is the whole model
+            _totals([{**rank, "records": [record]}])
+
+
+def test_automatic_dynamic_recompiles_once_per_rank(runs):
+    assert_matches_reference(runs["automatic_dynamic"], BY_NAME["automatic_dynamic"], TOL)
+    assert_counts(runs["automatic_dynamic"], sites=4, synced=4, forward=4, backward=4, graphs=2)
+
+
+@pytest.mark.parametrize("name", ["accumulate", "accumulate_ddp_no_sync"])
+def test_gradient_accumulation(runs, name):
+    assert_matches_reference(runs[name], BY_NAME[name], TOL)
+    _totals(runs[name], graphs=None, breaks_outside_bn=DDP_FORWARD)
+
+
+@pytest.mark.parametrize("case, says", [
+    ("channels", "C=4"),
+    ("eval", "eval mode"),
+    ("dtype", "bfloat16"),
+])
+def test_divergent_ranks_raise_a_bnpass_error_on_every_rank(case, says):
+    results = run_ranks("tests.reliability_jobs:divergent", 2, case, 15.0)
+    for rank, r in enumerate(results):
+        assert r["error"] is not None, f"rank {rank} ran a step with divergent BatchNorms"
+        assert r["error"].startswith("bnpass: ranks disagree"), r["error"]
+        assert r["elapsed"] < 60, r
+    assert says in results[0]["error"] + results[1]["error"]
+
+
+def test_dead_rank_survivors_raise_within_the_group_timeout():
+    with pytest.raises(RankFailure) as failure:
+        run_ranks("tests.reliability_jobs:dead_rank", 2, pg_timeout_s=20.0, deadline_s=300)
+    assert "rank 1 died with exit code 3" in str(failure.value)
+    survivor = failure.value.results[0]
+    assert survivor is not None, str(failure.value)  # rank 0 reported: it did not hang
+    assert survivor["error"] is not None and survivor["elapsed"] < 20.0 + 10.0, survivor
+
+
+def test_group_without_a_backend_for_the_tensors_device():
+    (message,) = run_ranks("tests.reliability_jobs:group_without_cpu_backend", 1, backend="cuda:gloo")
+    assert message is not None and "bnpass: BatchNorm 'bn' runs on cpu tensors but its process group" \
+        in message and "gloo for CPU" in message, message
