@@ -32,16 +32,20 @@ HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.de
 
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """Hash of the bnpass sources: a new bnpass never reuses an older one's compiled graphs."""
+    """Hash of the sources that shape the compiled code (the pipeline's stages and the lowerings,
+    not the CLI): a new bnpass never reuses an older one's compiled graphs."""
     import bnpass
 
-    roots = [Path(bnpass.__file__).parent, Path(__file__).parent]
+    package = Path(bnpass.__file__).parent
+    paths = [package / f"{stage}.py" for stage in _PIPELINE] + sorted(Path(__file__).parent.glob("*.py"))
     digest = hashlib.sha256()
-    for root in roots:
-        for path in sorted(root.rglob("*.py")):
-            digest.update(path.name.encode())
-            digest.update(path.read_bytes())
+    for path in paths:
+        digest.update(path.name.encode())
+        digest.update(path.read_bytes())
     return digest.hexdigest()
+
+
+_PIPELINE = ("capture", "sites", "rewrite", "ops", "options", "backend", "agree")
 
 
 class CacheKeyPass(CustomGraphPass):

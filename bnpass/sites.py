@@ -113,9 +113,12 @@ def _module_of(node: fx.Node) -> tuple[str, Optional[type]]:
     if stack:
         path, cls = list(stack.values())[-1]
         return _clean_path(path), cls if isinstance(cls, type) else None
-    trace = (node.meta.get("stack_trace") or "").strip().splitlines()
-    frames = [line.strip() for line in trace if line.strip().startswith("File ")]
-    return (frames[-1] if frames else node.name), None
+    trace = node.meta.get("stack_trace") or ""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', trace)
+    if frames:  # a functional call in the root module's forward: file:line
+        path, line = frames[-1]
+        return f"{path.rsplit('/', 1)[-1]}:{line}", None
+    return node.name, None
 
 
 def _clean_path(path: str) -> str:
