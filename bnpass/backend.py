@@ -34,7 +34,7 @@ def bnpass_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     _check_group_devices(sites)
     record = new_record(sites, group.name, group.world_size)
     before = snapshot_sites(gm, sites)
-    rewrite_sites(gm, sites)
+    rewrite_sites(gm, sites, opts.kernels)
     record.site_nodes, record.snapshots = after_rewrite(gm, sites, before)
     compiled = lower(gm, example_inputs, opts, record)
     keep(record)

@@ -139,12 +139,21 @@ def synced_batch_norm(
     momentum: float | Tensor,
     eps: float,
     group_name: Optional[str],
+    kernels: str = "inductor",
+    relu: bool = False,
 ) -> Tensor:
     """Training-mode BN with global statistics; updates running stats (if given) in place.
 
     ``momentum`` is a float, or a 0-d tensor (the cumulative average's 1/num_batches_tracked).
+    ``kernels="triton"`` (set by the rewrite only for CUDA sites, see backends/triton_bn_op.py) does
+    the passes over x with bnpass's Triton kernels, then applies the ReLU too when ``relu``.
     """
-    y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name)
+    if kernels == "triton":
+        from bnpass.backends.triton_bn_op import triton_synced_bn
+
+        y, mean, unbiased_var = triton_synced_bn(x, weight, bias, eps, group_name, relu)
+    else:
+        y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(torch.lerp(running_mean, mean.to(running_mean.dtype), momentum))

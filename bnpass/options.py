@@ -22,7 +22,12 @@ _DOC = {
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
     "agree_timeout_s": "seconds a rank waits for the others to compile the same BatchNorms (300)",
+    "kernels": "'inductor' (default): Inductor generates the BN kernels; 'triton': bnpass's Triton "
+               "kernels for synced CUDA sites (an error elsewhere); 'auto': per site by a shape rule "
+               "(not yet measured on a GPU), inductor where triton cannot run",
 }
+
+KERNELS = ("inductor", "triton", "auto")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,7 @@ class Options:
     force_sync: bool = False
     inductor_config: dict = dataclasses.field(default_factory=dict)
     agree_timeout_s: float = 300.0
+    kernels: str = "inductor"
     mode: Optional[str] = None
 
     @classmethod
@@ -56,6 +62,9 @@ class Options:
                 or not opts.agree_timeout_s > 0:
             raise BNPassError(f"option agree_timeout_s must be a positive number of seconds, got "
                               f"{opts.agree_timeout_s!r}")
+        if not isinstance(opts.kernels, str) or opts.kernels not in KERNELS:
+            raise BNPassError(f"option kernels must be one of {', '.join(map(repr, KERNELS))}, got "
+                              f"{opts.kernels!r}")
         if not isinstance(opts.inductor_config, dict):
             raise BNPassError("option inductor_config must be a dict of torch._inductor.config names")
         if "post_grad_custom_post_pass" in opts.inductor_config:
@@ -82,4 +91,5 @@ class Options:
 
     def fingerprint(self) -> str:
         """What of these options changes generated code (the group's name is in the graph itself)."""
-        return f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}"
+        kernels = "" if self.kernels == "inductor" else f";kernels={self.kernels}"
+        return f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}{kernels}"

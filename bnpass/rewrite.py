@@ -7,12 +7,17 @@ Graph invariants (the Dynamo graph in, the Dynamo graph out):
 * Running statistics stay graph inputs that the replacement mutates in place, as ``F.batch_norm``
   does; AOTAutograd functionalizes that mutation like BN's own.
 * ``num_batches_tracked.add_(1)`` is left where the module put it.
+* With ``kernels`` other than "inductor" (backends/triton_bn_op.py), a sync site that runs on
+  bnpass's Triton kernels gets ``kernels="triton"``; a ReLU that is the BN's only user is folded into
+  it (its uses take the BN's output, the ReLU node is erased). The choice is appended to the site's
+  reason. With the default "inductor" the graph is exactly as without the option.
 """
 
 from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from .ops import synced_batch_norm
 from .sites import LOCAL, SYNC, Site, bn_call
@@ -26,30 +31,66 @@ def _cumulative_momentum(graph: fx.Graph, num_batches_tracked: fx.Node) -> fx.No
     return graph.call_function(torch.reciprocal, (as_float,))
 
 
-def rewrite_sites(gm: fx.GraphModule, sites: list[Site]) -> int:
-    """Rewrite ``gm`` in place for ``sites``; returns the number of nodes replaced."""
-    graph = gm.graph
+_RELUS = (torch.relu, torch.relu_, F.relu)
+
+
+def _relu_after(node: fx.Node):
+    """The ReLU node that is ``node``'s only user, if there is one."""
+    users = list(node.users)
+    if len(users) != 1 or users[0].args[:1] != (node,):
+        return None
+    user = users[0]
+    if (user.op == "call_function" and user.target in _RELUS) or (
+            user.op == "call_method" and user.target in ("relu", "relu_")):
+        return user
+    return None
+
+
+def _kernel_args(site: Site, kernels: str) -> tuple:
+    """Extra arguments of ``synced_batch_norm`` for this site: () for Inductor's kernels."""
+    if kernels == "inductor" or site.action != SYNC:
+        return ()
+    from bnpass.backends.triton_bn_op import resolve
+
+    val = site.call.input.meta.get("example_value", site.call.input.meta.get("val"))
+    chosen, note = resolve(kernels, val if isinstance(val, torch.Tensor) else None, site.name)
+    if note:
+        site.reason = f"{site.reason}; {note}"
+    return () if chosen == "inductor" else ("triton",)
+
+
+def rewrite_sites(gm: fx.GraphModule, sites: list[Site], kernels: str = "inductor") -> int:
+    """Rewrite ``gm`` (and the subgraphs holding sites) in place; returns the nodes replaced."""
     replaced = 0
+    touched = {id(gm.graph): gm.graph}
     for site in sites:
         call = site.call = bn_call(site.call.node)  # re-read: an earlier rewrite may feed this one
+        graph = call.node.graph  # gm's graph, or a subgraph's (a checkpointed region's body)
+        touched[id(graph)] = graph
         needs_rewrite = site.action == SYNC or (site.action == LOCAL and site.cumulative_momentum)
         if needs_rewrite:
             with graph.inserting_before(call.node):
                 momentum = call.momentum
                 if call.tag_num_batches_tracked is not None:
                     momentum = _cumulative_momentum(graph, call.tag_num_batches_tracked)
+                extra = _kernel_args(site, kernels)
+                relu = _relu_after(call.node) if extra else None
                 new = graph.call_function(
                     synced_batch_norm,
                     (call.input, call.running_mean, call.running_var, call.weight, call.bias,
-                     momentum, call.eps, site.group),
+                     momentum, call.eps, site.group) + extra + ((True,) if relu is not None else ()),
                 )
             new.meta.update(call.node.meta)
             call.node.replace_all_uses_with(new)
             graph.erase_node(call.node)
+            if relu is not None:
+                relu.replace_all_uses_with(new)
+                graph.erase_node(relu)
             replaced += 1
         if call.tag is not None:
             call.tag.replace_all_uses_with(call.input)
             graph.erase_node(call.tag)
-    graph.lint()
-    gm.recompile()
+    for graph in touched.values():
+        graph.lint()
+        graph.owning_module.recompile()
     return replaced
