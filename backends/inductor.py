@@ -4,7 +4,8 @@ Two things are added to a stock Inductor compile:
 * a ``post_grad_custom_post_pass`` that does nothing but carry a uuid (bnpass's source and the
   options that change code), so that neither AOTAutograd's nor Inductor's FX graph cache can serve
   a stock graph, or one from another bnpass version or options, to this compile (shared/FACTS.md);
-* an ``inner_compile`` wrapper that counts the collectives in the forward and backward graphs that
+* AOTAutograd's own cache off for these compiles (Inductor's FX graph cache still serves), so that
+* an ``inner_compile`` wrapper always runs, and counts the collectives in the forward and backward graphs that
   AOTAutograd hands to Inductor, into the compile's ``GraphRecord``, and keeps a digest of those
   graphs and Inductor's generated code for ``bnpass inspect`` (bnpass/inspect_capture.py).
 """
@@ -108,9 +109,12 @@ def lower(gm, example_inputs, options, record):
         patches.update(torch._inductor.list_mode_options(options.mode))
     patches.update(options.inductor_config)
     patches["post_grad_custom_post_pass"] = CacheKeyPass(options.fingerprint())
-    return compile_fx(
-        gm,
-        example_inputs,
-        inner_compile=functools.partial(_counting_inner_compile, record),
-        config_patches=patches,
-    )
+    # AOTAutograd's cache would hand back compiled graphs without calling inner_compile, and the
+    # record's counts would stay 0; Inductor's FX graph cache (behind inner_compile) still serves.
+    with torch._functorch.config.patch(enable_autograd_cache=False):
+        return compile_fx(
+            gm,
+            example_inputs,
+            inner_compile=functools.partial(_counting_inner_compile, record),
+            config_patches=patches,
+        )

@@ -170,11 +170,16 @@ def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: boo
     return LOCAL, f"training mode, {why_local}", None, 1
 
 
+def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
+    return [gm] + [m for _, m in gm.named_modules() if isinstance(m, fx.GraphModule) and m is not gm]
+
+
 def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_sync: bool,
                why_local: str) -> list[Site]:
-    """Every BN call in ``gm``, in graph order, with its decision."""
+    """Every BN call in ``gm`` and its subgraphs (bodies of higher-order ops such as activation
+    checkpointing's), in graph order, with its decision."""
     sites = []
-    for node in gm.graph.nodes:
+    for node in (n for module in _graph_modules(gm) for n in module.graph.nodes):
         call = bn_call(node)
         if call is None:
             continue

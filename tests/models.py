@@ -12,6 +12,7 @@ import zlib
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 class ConvNet(nn.Module):
@@ -40,6 +41,32 @@ class ResidualBlock(nn.Module):
 
     def forward(self, x):
         return F.relu(self.bn(self.conv(x)) + x)
+
+
+class CheckpointedNet(nn.Module):
+    """Conv-BN-ReLU under activation checkpointing, then a BN outside it.
+
+    ``use_checkpoint`` is switched off for the eager float64 reference: eager checkpointing reruns
+    the forward in the backward and so updates BN's running statistics twice (PyTorch behaviour);
+    the compiled graph must update them once, as an uncheckpointed model does.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.bn2 = nn.BatchNorm2d(4, momentum=None)
+        self.use_checkpoint = True
+
+    def block(self, x):
+        return F.relu(self.bn1(self.conv(x)))
+
+    def forward(self, x):
+        if self.use_checkpoint:
+            x = torch.utils.checkpoint.checkpoint(self.block, x, use_reentrant=False)
+        else:
+            x = self.block(x)
+        return self.bn2(x)
 
 
 class FunctionalBN(nn.Module):
@@ -132,6 +159,7 @@ class NotSynced(nn.Module):
 
 FACTORIES = {
     "convnet": ConvNet,
+    "checkpointed": CheckpointedNet,
     "functional": FunctionalBN,
     "mlp1d": MLP1d,
     "net3d": Net3d,

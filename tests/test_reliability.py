@@ -23,6 +23,7 @@ SPECS = [
     Spec("automatic_dynamic", "mlp1d", (3, 5), (3, 7), steps=4,
          step_sizes=((3, 5), (4, 5), (2, 6), (5, 2))),
 
+    Spec("checkpointed", "checkpointed", (3, 2), (3, 5, 5), steps=3),
     Spec("accumulate", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2),
     Spec("accumulate_ddp_no_sync", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2, ddp="outer"),
 ]
@@ -69,6 +70,16 @@ def test_dynamic_true_does_not_recompile_per_batch_size(runs):
 def test_automatic_dynamic_recompiles_once_per_rank(runs):
     assert_matches_reference(runs["automatic_dynamic"], BY_NAME["automatic_dynamic"], TOL)
     assert_counts(runs["automatic_dynamic"], sites=4, synced=4, forward=4, backward=4, graphs=2)
+
+
+def test_activation_checkpointing(runs):
+    """BN inside torch.utils.checkpoint: synced, running statistics updated once per step (eager
+    checkpointing updates them twice), collectives in step: the recomputed forward in the backward
+    repeats its all_reduce on every rank."""
+    assert_matches_reference(runs["checkpointed"], BY_NAME["checkpointed"], TOL)
+    assert_counts(runs["checkpointed"], sites=2, synced=2, forward=2, backward=3)
+    for r in runs["checkpointed"]:
+        assert int(r["buffers"]["bn1.num_batches_tracked"]) == 3
 
 
 @pytest.mark.parametrize("name", ["accumulate", "accumulate_ddp_no_sync"])
