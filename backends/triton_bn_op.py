@@ -18,6 +18,12 @@ Kernel choice per synced site (``resolve``): "inductor" always; "triton" needs T
 input of float16/bfloat16/float32 and is otherwise a BNPassError (an explicit request that cannot be
 honoured is an error, not a silent fallback); "auto" takes the table ``AUTO_RULES`` where "triton"
 could run and "inductor" otherwise, the reason going into the site's reason.
+
+NOT YET VERIFIED inside torch.compile: the kernels and this autograd formula are tested eagerly
+under TRITON_INTERPRET=1 (tests/test_triton_kernels.py). Tracing them through AOTAutograd on a
+machine without a GPU driver makes Triton's mutation analysis fall back to "every input is mutated",
+and AOTAutograd's partitioner then fails ("Node ... was invalid, but is output"); on a GPU the
+analysis runs. benchmarks/gpu_check.py section 1 is the first real check of the compiled path.
 """
 
 from __future__ import annotations
