@@ -37,7 +37,7 @@ BY_NAME = {s.name: s for s in SPECS_2}
 @pytest.fixture(scope="module")
 def two_ranks():
     results = run_ranks("tests.rank_jobs:train_specs", 2, SPECS_2)
-    return {name: [r[name] for r in results] for name in BY_NAME}
+    return {s.name: [r[s.name] for r in results] for s in SPECS_2}
 
 
 def judge(two_ranks, name, tol=FP32_TOL):
