@@ -119,46 +119,34 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, weight, bias, eps: float, group_name: Optional[str], relu: bool):
-        from bnpass.ops import _all_reduce_sum
+        from bnpass.ops import global_statistics
 
         ops = torch.ops.bnpass
         x, _ = triton_bn.layout_of(x)
         channels = x.shape[1]
         n_local = x.numel() // channels
         sum_r, m2_r = ops.triton_bn_stats(x)
-        count = torch.full((1,), n_local, dtype=torch.float64, device=x.device)
-        packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
-        packed = _all_reduce_sum(packed, group_name)  # crosses ranks: 2C+1 float64
-        total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
-        mean64 = s1 / total
-        var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
-        mean_hi = mean64.float()
-        mean_lo = (mean64 - mean_hi.double()).float()
-        invstd = torch.rsqrt(var64 + eps).float()
+        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name)  # 2C+1 float64 cross ranks
+        mean_hi, mean_lo, invstd = stats.mean_hi, stats.mean_lo, stats.invstd
         scale = invstd if weight is None else invstd * weight.float()
         shift = torch.zeros_like(invstd) if bias is None else bias.float()
         y = ops.triton_bn_normalize(x, mean_hi, mean_lo, scale, shift, relu)
-        unbiased_var = (var64 * (total / (total - 1))).float()
-        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, scale, shift, total)
+        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, scale, shift, stats.total)
         ctx.group_name, ctx.relu = group_name, relu
         ctx.bias_dtype = None if bias is None else bias.dtype
-        mean = mean64.float()
-        ctx.mark_non_differentiable(mean, unbiased_var)
-        return y, mean, unbiased_var
+        ctx.mark_non_differentiable(stats.mean, stats.unbiased_var)
+        return y, stats.mean, stats.unbiased_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        from bnpass.ops import _all_reduce_sum
+        from bnpass.ops import global_grad_terms
 
         ops = torch.ops.bnpass
         x, weight, mean_hi, mean_lo, invstd, scale, shift, total = ctx.saved_tensors
         channels = x.shape[1]
         dy = triton_bn.like(dy, x)
         local = ops.triton_bn_backward_reduce(dy, x, mean_hi, mean_lo, scale, shift, ctx.relu)
-        summed = _all_reduce_sum(local, ctx.group_name)  # crosses ranks: 2C float32
-        total32 = total.float()
-        mean_dy = summed[:channels] / total32
-        coef = invstd * invstd * (summed[channels:] / total32)
+        mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)  # 2C float32
         dx = None
         if ctx.needs_input_grad[0]:
             dx = ops.triton_bn_backward_dx(dy, x, mean_hi, mean_lo, mean_dy, coef, scale, shift, ctx.relu)

@@ -25,7 +25,7 @@ update inside it is an autograd trap under Inductor (shared/FACTS.md).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -74,6 +74,46 @@ def _local_moments(xf: Tensor, n_local) -> tuple[Tensor, Tensor]:
     return total, m2
 
 
+class GlobalStatistics(NamedTuple):
+    total: Tensor  # (1,) float64: N, the global count
+    mean: Tensor  # (C,) float32
+    mean_hi: Tensor  # (C,) float32: mean = mean_hi + mean_lo to float64 precision
+    mean_lo: Tensor
+    invstd: Tensor  # (C,) float32: rsqrt(biased global variance + eps)
+    unbiased_var: Tensor  # (C,) float32: for the running statistics
+
+
+def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
+                      group_name: Optional[str]) -> GlobalStatistics:
+    """The forward's one all_reduce, of [n_r, s_r, M2_r + s_r^2/n_r] (2C+1 float64 values), and
+    the global statistics it gives. Shared by every kernel choice (see backends/triton_bn_op.py)."""
+    channels = sum_r.shape[0]
+    count = torch.full((1,), n_local, dtype=torch.float64, device=sum_r.device)
+    packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
+    packed = _all_reduce_sum(packed, group_name)  # crosses ranks
+    total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
+    mean64 = s1 / total
+    var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
+    # mean as a hi + lo float32 pair: x - mean stays exact to float32 even when |mean| >> std
+    mean_hi = mean64.float()
+    mean_lo = (mean64 - mean_hi.double()).float()
+    invstd = torch.rsqrt(var64 + eps).float()
+    unbiased_var = (var64 * (total / (total - 1))).float()
+    return GlobalStatistics(total, mean64.float(), mean_hi, mean_lo, invstd, unbiased_var)
+
+
+def global_grad_terms(local: Tensor, total: Tensor, invstd: Tensor,
+                      group_name: Optional[str]) -> tuple[Tensor, Tensor]:
+    """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*(x-mean)] (2C float32), and
+    the per-channel terms of dx = scale*(dy - mean_dy - (x-mean)*coef)."""
+    channels = local.shape[0] // 2
+    summed = _all_reduce_sum(local, group_name)  # crosses ranks
+    total32 = total.float()
+    mean_dy = summed[:channels] / total32
+    coef = invstd * invstd * (summed[channels:] / total32)
+    return mean_dy, coef
+
+
 class SyncedBatchNormFunction(torch.autograd.Function):
     """y = BN(x) with statistics over the whole process group. Pure: touches no buffer."""
 
@@ -83,28 +123,18 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         n_local = x.numel() // channels if channels else 0
         xf = x.float()
         sum_r, m2_r = _local_moments(xf, n_local)
-        count = torch.full((1,), n_local, dtype=torch.float64, device=x.device)
-        packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
-        packed = _all_reduce_sum(packed, group_name)
-        total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
-        mean64 = s1 / total
-        var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
-        # mean as hi + lo float32 pair: x - mean stays exact to float32 even when |mean| >> std
-        mean_hi = mean64.float()
-        mean_lo = (mean64 - mean_hi.double()).float()
-        invstd = torch.rsqrt(var64 + eps).float()
+        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name)
+        mean_hi, mean_lo, invstd = stats.mean_hi, stats.mean_lo, stats.invstd
         scale = invstd if weight is None else invstd * weight.float()
         y = _centered(xf, mean_hi, mean_lo) * _per_channel(scale, x)
         if bias is not None:
             y = y + _per_channel(bias.float(), x)
         y = y.to(x.dtype)
-        unbiased_var = (var64 * (total / (total - 1))).float()
-        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, total)
+        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, stats.total)
         ctx.group_name = group_name
         ctx.bias_dtype = None if bias is None else bias.dtype
-        mean = mean64.float()
-        ctx.mark_non_differentiable(mean, unbiased_var)
-        return y, mean, unbiased_var
+        ctx.mark_non_differentiable(stats.mean, stats.unbiased_var)
+        return y, stats.mean, stats.unbiased_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
@@ -114,17 +144,12 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         dyf = dy.float()
         xmu = _centered(x.float(), mean_hi, mean_lo)
         local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
-        summed = _all_reduce_sum(local, ctx.group_name)
-        total32 = total.float()
-        mean_dy = summed[:channels] / total32
-        mean_dy_xmu = summed[channels:] / total32
+        mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)
         scale = invstd if weight is None else invstd * weight.float()
         dx = None
         if ctx.needs_input_grad[0]:
-            dx = (
-                (dyf - _per_channel(mean_dy, x) - xmu * _per_channel(invstd * invstd * mean_dy_xmu, x))
-                * _per_channel(scale, x)
-            ).to(x.dtype)
+            dx = ((dyf - _per_channel(mean_dy, x) - xmu * _per_channel(coef, x))
+                  * _per_channel(scale, x)).to(x.dtype)
         dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None

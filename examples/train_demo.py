@@ -13,7 +13,6 @@ batch; a stock compile would give each rank its own.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import torch

@@ -6,8 +6,6 @@ import os
 import time
 
 import torch
-import torch.distributed as dist
-import torch.nn as nn
 
 from tests.models import BN2d
 

@@ -8,7 +8,6 @@ running statistics on every rank) and counts (sites, synced, collectives, graph 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from tests.checks import assert_counts, assert_matches_reference, eager_global, errors_vs_reference
 from tests.harness import run_ranks
