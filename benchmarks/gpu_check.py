@@ -8,7 +8,9 @@ from this source tree: ``import bnpass; bnpass.register()``). Results go to stdo
 
 1. Correctness on CUDA, compiled bnpass against a float64 reference of a conv-BN model (fp32 NCHW
    and bf16 channels_last; kernels "inductor" and "triton"): (a) a world-size-1 NCCL group with
-   ``force_sync`` (the collective runs), (b) 2 ranks sharing the GPU over gloo, really synced. A
+   ``force_sync`` (the collective runs), (b) the same step captured in CUDA graphs
+   (``inductor_config={"triton.cudagraphs": True}``, what mode="reduce-overhead" sets): no host-sync
+   op, no cudagraph skip, (c) 2 ranks sharing the GPU over gloo, really synced. A
    quantity passes if its error is within 2e-5 of its largest value (fp32) or within 10x the error
    eager PyTorch makes in the same dtype (as tests/checks.py judges).
 2. BatchNorm forward+backward on ResNet-50's BN shapes, per provider: bnpass-triton, bnpass-inductor
@@ -229,6 +231,37 @@ def correctness_ws1(report, group):
             model = build_model(device, dtype, fmt)
             out = run_step(model, _compile_bnpass(model, group, kernels), x, dy, dtype, fmt)
             rows += [[f"{cfg} kernels={kernels}"] + r for r in errors(out, ref, eager, dtype == torch.float32)]
+    report.add(format_table(["case", "quantity", "error", "scale", "eager error", "allowed", "verdict"], rows))
+    return all(r[-1] == "ok" for r in rows)
+
+
+def correctness_cudagraphs(report, group):
+    """CUDA graphs (what mode="reduce-overhead" turns on; torch.compile refuses mode= together with
+    options=, so it goes through inductor_config): the synced step is captured and replayed, the
+    compiled graphs hold no host-sync op, and Inductor skipped no graph for cudagraphs."""
+    import bnpass
+
+    device = torch.device("cuda")
+    x, dy = global_batch(device)
+    ref = reference(device, x, dy)
+    dtype, fmt = torch.float32, torch.contiguous_format
+    eager_model = build_model(device, dtype, fmt)
+    eager = run_step(eager_model, eager_model, x, dy, dtype, fmt)
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    bnpass.clear_records()
+    model = build_model(device, dtype, fmt)
+    compiled = torch.compile(model, backend="bnpass", options={
+        "force_sync": True, "process_group": group, "inductor_config": {"triton.cudagraphs": True}})
+    for _ in range(3):  # warm-up, record, replay
+        model.zero_grad(set_to_none=True)
+        out = run_step(model, compiled, x, dy, dtype, fmt)
+    # the running statistics moved three steps; outputs and input gradients are the one-step ones
+    rows = [["cudagraphs fp32 NCHW"] + r for r in errors(out, ref, eager, True) if r[0] in ("y", "dx")]
+    skips = sum(v for k, v in torch._dynamo.utils.counters["inductor"].items() if "cudagraph_skip" in k)
+    syncs = sum(sum(r.host_syncs.values()) for r in bnpass.compile_records())
+    rows.append(["cudagraphs fp32 NCHW", "cudagraph skips", skips, "", "", 0, "ok" if skips == 0 else "FAIL"])
+    rows.append(["cudagraphs fp32 NCHW", "host-sync ops", syncs, "", "", 0, "ok" if syncs == 0 else "FAIL"])
     report.add(format_table(["case", "quantity", "error", "scale", "eager error", "allowed", "verdict"], rows))
     return all(r[-1] == "ok" for r in rows)
 
@@ -552,7 +585,9 @@ def main(argv=None) -> int:
     try:
         if "1" in args.sections:
             for title, fn in (("## 1a. Correctness: world-size-1 NCCL group, force_sync", lambda: correctness_ws1(report, group)),
-                              ("## 1b. Correctness: 2 ranks on one GPU over gloo",
+                              ("## 1b. CUDA graphs: captured synced step, no host sync",
+                               lambda: correctness_cudagraphs(report, group)),
+                              ("## 1c. Correctness: 2 ranks on one GPU over gloo",
                                lambda: correctness_two_ranks(report, max(60.0, deadline - time.monotonic() - 150)))):
                 report.add(title)
                 try:
