@@ -9,8 +9,6 @@ dtype with its own rounding: no better than eager can be asked of anyone.
 
 from __future__ import annotations
 
-import dataclasses
-
 import torch
 
 EAGER_MULTIPLIER = 10.0
@@ -49,13 +47,11 @@ def eager_global(spec, model=None) -> dict:
     """Eager PyTorch in the spec's own dtype on the whole global batch, one process."""
     from tests.training import train
 
-    single = dataclasses.replace(spec, sizes=(sum(spec.sizes),),
-                                 step_sizes=tuple((sum(s),) for s in spec.step_sizes))
     model = model if model is not None else spec.build()
     for module in model.modules():  # as the reference: see CheckpointedNet
         if hasattr(module, "use_checkpoint"):
             module.use_checkpoint = False
-    return train(single, model, model, rank=0)
+    return train(spec, model, model, rank=None, float64=False)
 
 
 def assert_matches_reference(per_rank: list[dict], spec, tol: float) -> dict[str, float]:

@@ -15,8 +15,12 @@ def _step(model, x, options):
     compiled(x.requires_grad_()).square().sum().backward()
 
 
-def divergent(rank: int, world_size: int, case: str, timeout_s: float) -> dict:
-    """Each rank compiles what ``case`` says; returns what the step raised and when."""
+def divergent(rank: int, world_size: int, cases: list, timeout_s: float) -> dict:
+    """For each case, each rank compiles what the case says; what the step raised and when."""
+    return {case: _divergent(rank, case, timeout_s) for case in cases}
+
+
+def _divergent(rank: int, case: str, timeout_s: float) -> dict:
     torch._dynamo.reset()
     channels, dtype, train = 4, torch.float32, True
     if case == "channels" and rank == 1:
@@ -58,3 +62,16 @@ def group_without_cpu_backend(rank: int, world_size: int) -> str | None:
     except Exception as e:  # noqa: BLE001 - the test reads it
         return str(e)
     return None
+
+
+def rank_fails_before_compiling(rank: int, world_size: int) -> dict:
+    """Rank 1 raises before it compiles anything; rank 0 compiles and must not wait for ever."""
+    if rank == 1:
+        raise RuntimeError("rank 1 fails in user code")
+    start = time.monotonic()
+    try:
+        _step(BN2d(4), torch.randn(3, 4, 4, 4), {"agree_timeout_s": 5.0})
+        error = None
+    except Exception as e:  # noqa: BLE001 - the test reads it
+        error = str(e)
+    return {"error": error, "elapsed": time.monotonic() - start, "exit_now": True}

@@ -88,18 +88,26 @@ def test_gradient_accumulation(runs, name):
     _totals(runs[name], graphs=None, breaks_outside_bn=DDP_FORWARD)
 
 
-@pytest.mark.parametrize("case, says", [
-    ("channels", "C=4"),
-    ("eval", "eval mode"),
-    ("dtype", "bfloat16"),
-])
-def test_divergent_ranks_raise_a_bnpass_error_on_every_rank(case, says):
-    results = run_ranks("tests.reliability_jobs:divergent", 2, case, 15.0)
+DIVERGENT = {"channels": "C=4", "eval": "eval mode", "dtype": "bfloat16"}
+
+
+@pytest.fixture(scope="module")
+def divergent():
+    """Every case in one 2-rank job; a rank waits 5 s for the other's signature."""
+    results = run_ranks("tests.reliability_jobs:divergent", 2, list(DIVERGENT), 5.0)
+    return {case: [r[case] for r in results] for case in DIVERGENT}
+
+
+@pytest.mark.parametrize("case", list(DIVERGENT))
+def test_divergent_ranks_raise_a_bnpass_error_on_every_rank(divergent, case):
+    """Different channels, one rank in eval mode, another input dtype: each rank raises
+    "bnpass: ranks disagree ..." naming what differs, before any statistic is reduced."""
+    results = divergent[case]
     for rank, r in enumerate(results):
         assert r["error"] is not None, f"rank {rank} ran a step with divergent BatchNorms"
         assert r["error"].startswith("bnpass: ranks disagree"), r["error"]
         assert r["elapsed"] < 60, r
-    assert says in results[0]["error"] + results[1]["error"]
+    assert DIVERGENT[case] in results[0]["error"] + results[1]["error"]
 
 
 def test_dead_rank_survivors_raise_within_the_group_timeout():
@@ -115,3 +123,12 @@ def test_group_without_a_backend_for_the_tensors_device():
     (message,) = run_ranks("tests.reliability_jobs:group_without_cpu_backend", 1, backend="cuda:gloo")
     assert message is not None and "bnpass: BatchNorm 'bn' runs on cpu tensors but its process group" \
         in message and "gloo for CPU" in message, message
+
+
+def test_a_rank_that_fails_before_compiling_does_not_hang_the_others():
+    with pytest.raises(RankFailure) as failure:
+        run_ranks("tests.reliability_jobs:rank_fails_before_compiling", 2, deadline_s=300)
+    assert "rank 1 raised" in str(failure.value) and "rank 1 fails in user code" in str(failure.value)
+    survivor = failure.value.results[0]
+    assert survivor is not None, str(failure.value)
+    assert survivor["error"].startswith("bnpass: ranks disagree") and "rank 1 has not run" in survivor["error"]

@@ -14,8 +14,9 @@ import torch.distributed as dist
 from tests.models import Spec, memory_format
 
 
-def train(spec: Spec, model, forward, rank: int | None = None, ddp=None) -> dict:
-    """``rank`` None: the reference (float64, global batch). Otherwise this rank's slice.
+def train(spec: Spec, model, forward, rank: int | None = None, ddp=None, float64: bool = True) -> dict:
+    """``rank`` None: one process on the global batch, in float64 unless ``float64`` is false.
+    Otherwise this rank's slice.
     ``ddp``: the DistributedDataParallel module that averages this rank's gradients."""
     reference = rank is None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -23,7 +24,7 @@ def train(spec: Spec, model, forward, rank: int | None = None, ddp=None) -> dict
     for step in range(spec.steps):
         x = spec.batch(step)
         if reference:
-            x = x.double()
+            x = x.double() if float64 else x
         else:
             x = spec.local(x, rank, step)
         x = x.contiguous(memory_format=memory_format(spec.memory_format)) if x.dim() >= 4 else x
@@ -32,7 +33,10 @@ def train(spec: Spec, model, forward, rank: int | None = None, ddp=None) -> dict
         with ddp.no_sync() if ddp is not None and not last_pass else contextlib.nullcontext():
             y = forward(x)
             w = spec.loss_weights(step, y.shape)
-            w = w.double() if reference else spec.local(w, rank, step)
+            if reference:
+                w = w.double() if float64 else w
+            else:
+                w = spec.local(w, rank, step)
             (y.to(w.dtype) * w).sum().backward()
         out["y"].append(y.detach().clone())
         out["dx"].append(x.grad.clone())
