@@ -16,7 +16,7 @@ from .inspect_capture import after_rewrite, snapshot_sites
 from .options import BNPassError, Options
 from .record import keep, new_record
 from .rewrite import rewrite_sites
-from .sites import find_sites
+from .sites import example_of, find_sites
 
 __all__ = ["bnpass_backend"]
 
@@ -50,7 +50,7 @@ def _check_group_devices(sites) -> None:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
     for site in sites:
-        val = site.call.input.meta.get("example_value") if site.action == "sync" else None
+        val = example_of(site.call.input) if site.action == "sync" else None
         if val is None:
             continue
         config = str(dist.get_backend_config(_resolve_process_group(site.group)))

@@ -20,7 +20,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .ops import synced_batch_norm
-from .sites import LOCAL, SYNC, Site, bn_call
+from .sites import LOCAL, SYNC, Site, bn_call, example_of
 
 __all__ = ["rewrite_sites"]
 
@@ -52,8 +52,7 @@ def _kernel_args(site: Site, kernels: str) -> tuple:
         return ()
     from bnpass.backends.triton_bn_op import resolve
 
-    val = site.call.input.meta.get("example_value", site.call.input.meta.get("val"))
-    chosen, note = resolve(kernels, val if isinstance(val, torch.Tensor) else None, site.name)
+    chosen, note = resolve(kernels, example_of(site.call.input), site.name)
     if note:
         site.reason = f"{site.reason}; {note}"
     return () if chosen == "inductor" else ("triton",)

@@ -139,7 +139,7 @@ def _layout(val: Optional[torch.Tensor]) -> str:
     return "contiguous" if val.is_contiguous() else "strided"
 
 
-def _example(node: Any) -> Optional[torch.Tensor]:
+def example_of(node: Any) -> Optional[torch.Tensor]:
     if not isinstance(node, fx.Node):
         return None
     val = node.meta.get("example_value", node.meta.get("val"))
@@ -153,7 +153,7 @@ def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: boo
         return SKIP, "the training flag is not a constant in the graph", None, 1
     if not call.training:
         return SKIP, "eval mode: normalizes with running statistics, nothing to reduce", None, 1
-    val = _example(call.input)
+    val = example_of(call.input)
     if val is not None and val.dim() < 2:
         return SKIP, f"input has {val.dim()} dims; BatchNorm needs (N, C, *)", None, 1
     if call.tag_group_name == EVAL_BATCH_STATS:
@@ -187,7 +187,7 @@ def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_
         op = f"nn.{cls.__name__}" if cls is not None and cls.__module__.startswith("torch.nn") else (
             cls.__name__ if cls is not None and "BatchNorm" in cls.__name__ else _OP_NAMES[node.target])
         action, reason, site_group, site_ws = _decide(call, group, world_size, force_sync, why_local)
-        val = _example(call.input)
+        val = example_of(call.input)
         sites.append(Site(
             index=len(sites), name=name, op=op,
             channels=int(val.shape[1]) if val is not None and val.dim() >= 2 else None,
