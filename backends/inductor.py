@@ -23,7 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bnpass.inspect_capture import digest, kernel_info
 
-__all__ = ["lower", "count_all_reduces"]
+__all__ = ["lower", "count_all_reduces", "record_graph", "HOST_SYNCS"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
 # Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs).
@@ -74,14 +74,20 @@ def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
     return count, nbytes
 
 
-def _counting_inner_compile(record, gm, example_inputs, **kwargs):
-    direction = "backward" if kwargs.get("is_backward") else "forward"
+def record_graph(record, gm: torch.fx.GraphModule, direction: str) -> None:
+    """Count the collectives and host syncs of one AOTAutograd graph (``direction`` "forward" or
+    "backward") into the compile's record, and keep its digest for ``bnpass inspect``."""
     count, nbytes = count_all_reduces(gm)
     record.collectives[direction] += count
     record.collective_bytes[direction] += nbytes
     record.host_syncs[direction] += sum(
         node.op == "call_function" and node.target in HOST_SYNCS for node in gm.graph.nodes)
     record.graphs[direction] = digest(gm, record.site_nodes, direction)
+
+
+def _counting_inner_compile(record, gm, example_inputs, **kwargs):
+    direction = "backward" if kwargs.get("is_backward") else "forward"
+    record_graph(record, gm, direction)
     with _provenance_scope():
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
     record.kernels[direction] = kernel_info(compiled)

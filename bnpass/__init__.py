@@ -10,23 +10,24 @@ from ._layout import map_backends_folder
 
 map_backends_folder()
 
-from .backend import bnpass_backend  # noqa: E402
+from .backend import bnpass_backend, bnpass_eager_backend  # noqa: E402
 from .options import BNPassError, Options  # noqa: E402
 from .record import GraphRecord, clear_records, compile_records  # noqa: E402
 from .sites import Site  # noqa: E402
 
-__all__ = ["bnpass_backend", "BNPassError", "Options", "GraphRecord", "Site", "compile_records",
+__all__ = ["bnpass_backend", "bnpass_eager_backend", "BNPassError", "Options", "GraphRecord", "Site", "compile_records",
            "clear_records", "register"]
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Make ``backend="bnpass"`` known where the package is not pip-installed (PYTHONPATH runs).
+    """Make ``backend="bnpass"`` (and ``"bnpass_eager"``) known where the package is not pip-installed (PYTHONPATH runs).
 
     With the package installed its entry point does this; calling it anyway is harmless.
     """
     from torch._dynamo.backends import registry
 
     registry._lazy_import()
-    if "bnpass" not in registry._BACKENDS:
-        registry.register_backend(compiler_fn=bnpass_backend, name="bnpass")
+    for name, fn in (("bnpass", bnpass_backend), ("bnpass_eager", bnpass_eager_backend)):
+        if name not in registry._BACKENDS:
+            registry.register_backend(compiler_fn=fn, name=name)

@@ -18,7 +18,7 @@ from .record import keep, new_record
 from .rewrite import rewrite_sites
 from .sites import example_of, find_sites
 
-__all__ = ["bnpass_backend"]
+__all__ = ["bnpass_backend", "bnpass_eager_backend"]
 
 capture.install()
 
@@ -28,9 +28,25 @@ def bnpass_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
     """torch.compile backend: synchronize every training-mode BatchNorm of ``gm``, then Inductor."""
     from bnpass.backends.inductor import lower
 
+    return _compile(gm, example_inputs, options, mode, lower)
+
+
+def bnpass_eager_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[dict] = None,
+                         mode: Optional[str] = None):
+    """torch.compile backend ``bnpass_eager``: the same pass, AOTAutograd's graphs run op by op
+    (no Inductor), as ``aot_eager`` to ``inductor``: fast compiles, for debugging and graph checks."""
+    from bnpass.backends.eager import lower
+
+    if mode is not None:
+        raise BNPassError(f"backend bnpass_eager takes no mode (got {mode!r}): modes are Inductor's; "
+                          "use backend='bnpass'")
+    return _compile(gm, example_inputs, options, None, lower)
+
+
+def _compile(gm, example_inputs, options, mode, lower):
     opts = Options.from_user(options, mode)
     group = opts.group()
-    sites = find_sites(gm, group.name, group.world_size, opts.force_sync, group.why_local)
+    sites = find_sites(gm, group.name, group.world_size, opts.force_sync, group.why_local, opts.fold_eval)
     _check_group_devices(sites)
     record = new_record(sites, group.name, group.world_size)
     before = snapshot_sites(gm, sites)
@@ -42,6 +58,7 @@ def bnpass_backend(gm: torch.fx.GraphModule, example_inputs, options: Optional[d
 
 
 setattr(bnpass_backend, capture.BACKEND_MARK, True)
+setattr(bnpass_eager_backend, capture.BACKEND_MARK, True)
 
 
 def _check_group_devices(sites) -> None:

@@ -58,6 +58,7 @@ __all__ = ["main"]
 
 FORMATS = ("text", "json", "dot", "html")
 DTYPES = ("float32", "bfloat16", "float16")
+BACKENDS = ("bnpass", "bnpass_eager")
 
 
 class UsageError(ValueError):
@@ -94,6 +95,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--site", type=int, metavar="K", help="show the graph around site K, before and after")
     p.add_argument("--kernels", action="store_true",
                    help="Inductor's generated code, kernels that touch each site marked")
+    p.add_argument("--backend", choices=BACKENDS, default="bnpass",
+                   help="bnpass (default): Inductor compiles the step; bnpass_eager: the same pass, "
+                        "the graphs run op by op (compiles in seconds; no generated code)")
     return parser
 
 
@@ -104,6 +108,8 @@ def _check(args) -> None:
         raise UsageError(f"--channels-last needs a 4-D or 5-D --input-shape, got {list(args.input_shape)}")
     if args.site is not None and args.site < 0:
         raise UsageError(f"--site must be >= 0, got {args.site}")
+    if args.kernels and args.backend != "bnpass":
+        raise UsageError(f"--kernels shows Inductor's code; --backend {args.backend} generates none")
 
 
 def render(data: dict, fmt: str, site: Optional[int], kernels: bool) -> str:
@@ -125,7 +131,7 @@ def _inspect(args) -> int:
     progress = Progress()
     spec = InspectArgs(target=args.target, input_shape=args.input_shape, eval=args.eval,
                        world_size=args.world_size, dtype=args.dtype, channels_last=args.channels_last,
-                       kernels=args.kernels)
+                       kernels=args.kernels, backend=args.backend)
     try:
         data = inspect_model(spec, progress)
     except TargetError as e:

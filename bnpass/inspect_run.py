@@ -42,6 +42,7 @@ class InspectArgs:
     dtype: str = "float32"
     channels_last: bool = False
     kernels: bool = False
+    backend: str = "bnpass"  # or "bnpass_eager": the same pass without Inductor
 
 
 class Progress:
@@ -158,10 +159,11 @@ def inspect_model(args: InspectArgs, progress: Progress) -> dict:
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
     options = {"inductor_config": {"trace.provenance_tracking_level": 1}} if args.kernels else {}
-    compiled = torch.compile(model, backend="bnpass", options=options)
+    compiled = torch.compile(model, backend=args.backend, options=options)
     backward = False
     with fake_world(args.world_size):
-        progress.stage("compiling and running the forward (Dynamo -> bnpass -> Inductor)")
+        lowering = "Inductor" if args.backend == "bnpass" else "eager ATen"
+        progress.stage(f"compiling and running the forward (Dynamo -> bnpass -> {lowering})")
         try:
             with torch.no_grad() if args.eval else contextlib.nullcontext():
                 out = compiled(x)
