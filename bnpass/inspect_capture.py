@@ -29,6 +29,7 @@ import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
 from .ops import synced_batch_norm
+from .sites import FOLD, FOLDABLE
 
 __all__ = ["snapshot_sites", "after_rewrite", "digest", "kernel_info", "COLLECTIVES"]
 
@@ -136,8 +137,12 @@ def after_rewrite(gm: fx.GraphModule, sites, before: dict) -> tuple[dict, dict]:
     old_nodes = before["nodes"]
     new_calls = [n for n in gm.graph.nodes
                  if n not in old_nodes and n.op == "call_function" and n.target is synced_batch_norm]
-    replaced = [s for s in sites if s.call.node not in order]
+    replaced = [s for s in sites if s.call.node not in order and s.action != FOLD]
     replacement = dict(zip((s.index for s in replaced), new_calls))
+    # A folded site's place is taken by the new call of its Conv/Linear (inserted after the old one).
+    new_layers = [n for n in gm.graph.nodes
+                  if n not in old_nodes and n.op == "call_function" and n.target in FOLDABLE]
+    replacement.update(zip((s.index for s in sites if s.action == FOLD), new_layers))
     site_nodes, snapshots = {}, {}
     for site in sites:
         node = replacement.get(site.index, site.call.node if site.call.node in order else None)

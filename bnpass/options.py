@@ -21,6 +21,7 @@ _DOC = {
     "process_group": "ProcessGroup to reduce statistics over (default: the default group)",
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
+    "fold_eval": "bool (default True): fold an eval-mode BatchNorm into the Conv/Linear before it",
     "agree_timeout_s": "seconds a rank waits for the others to compile the same BatchNorms (300)",
     "kernels": "'inductor' (default): Inductor generates the BN kernels; 'triton': bnpass's Triton "
                "kernels for synced CUDA sites (an error elsewhere); 'auto': per site by a shape rule "
@@ -46,6 +47,7 @@ class Options:
     inductor_config: dict = dataclasses.field(default_factory=dict)
     agree_timeout_s: float = 300.0
     kernels: str = "inductor"
+    fold_eval: bool = True
     mode: Optional[str] = None
 
     @classmethod
@@ -56,8 +58,9 @@ class Options:
             valid = "; ".join(f"{k}: {v}" for k, v in _DOC.items())
             raise BNPassError(f"unknown option(s) {unknown}. Valid options are {valid}.")
         opts = cls(mode=mode, **options)
-        if not isinstance(opts.force_sync, bool):
-            raise BNPassError(f"option force_sync must be a bool, got {type(opts.force_sync).__name__}")
+        for flag in ("force_sync", "fold_eval"):
+            if not isinstance(getattr(opts, flag), bool):
+                raise BNPassError(f"option {flag} must be a bool, got {type(getattr(opts, flag)).__name__}")
         if isinstance(opts.agree_timeout_s, bool) or not isinstance(opts.agree_timeout_s, (int, float)) \
                 or not opts.agree_timeout_s > 0:
             raise BNPassError(f"option agree_timeout_s must be a positive number of seconds, got "
@@ -92,4 +95,6 @@ class Options:
     def fingerprint(self) -> str:
         """What of these options changes generated code (the group's name is in the graph itself)."""
         kernels = "" if self.kernels == "inductor" else f";kernels={self.kernels}"
-        return f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}{kernels}"
+        fold = "" if self.fold_eval else ";fold_eval=False"
+        return (f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}"
+                f"{kernels}{fold}")

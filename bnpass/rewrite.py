@@ -3,6 +3,9 @@
 Graph invariants (the Dynamo graph in, the Dynamo graph out):
 * Only ``sync`` sites, and ``local`` sites with a cumulative momentum, are replaced; ``skip`` and
   the other ``local`` sites keep their ``F.batch_norm`` node exactly as traced.
+* A ``fold`` site (eval mode) disappears: its Conv/Linear is called with weight * s and
+  (bias - running_mean) * s + beta, s = gamma / sqrt(running_var + eps), computed in the graph from
+  the current tensors (Inductor fuses or, with ``freezing``, constant-folds it); nothing is mutated.
 * Every ``bnpass::bn_site`` tag is removed: no tag reaches AOTAutograd.
 * Running statistics stay graph inputs that the replacement mutates in place, as ``F.batch_norm``
   does; AOTAutograd functionalizes that mutation like BN's own.
@@ -20,7 +23,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .ops import synced_batch_norm
-from .sites import LOCAL, SYNC, Site, bn_call, example_of
+from .sites import FOLD, LOCAL, SYNC, Site, bn_call, example_of, fold_producer
 
 __all__ = ["rewrite_sites"]
 
@@ -58,6 +61,40 @@ def _kernel_args(site: Site, kernels: str) -> tuple:
     return () if chosen == "inductor" else ("triton",)
 
 
+def _fold(graph: fx.Graph, site: Site) -> None:
+    """Replace ``bn(layer(x, w, b, *rest))`` by ``layer(x, w * s, b', *rest)`` (see the module doc)."""
+    call = site.call
+    layer, why_not = fold_producer(call)
+    assert layer is not None, f"{site.name}: decided fold, but {why_not}"
+    weight = layer.args[1]
+    bias = layer.args[2] if len(layer.args) > 2 else layer.kwargs.get("bias")
+    out_dims = example_of(weight).dim() - 1
+    with graph.inserting_before(layer):
+        scale = graph.call_function(torch.rsqrt, (graph.call_function(torch.add, (call.running_var, call.eps)),))
+        if call.weight is not None:
+            scale = graph.call_function(torch.mul, (scale, call.weight))
+        shift = graph.call_function(torch.mul, (call.running_mean, scale))
+        shift = graph.call_function(torch.neg, (shift,))
+        if call.bias is not None:
+            shift = graph.call_function(torch.add, (shift, call.bias))
+        if bias is not None:
+            shift = graph.call_function(torch.add, (graph.call_function(torch.mul, (bias, scale)), shift))
+        w_scale = graph.call_method("reshape", (scale, (-1,) + (1,) * out_dims))
+        new_weight = graph.call_function(torch.mul, (weight, w_scale))
+        new_weight = graph.call_method("to", (new_weight, weight))  # the layer's own dtype
+        new_bias = graph.call_method("to", (shift, weight))
+    args = (layer.args[0], new_weight, new_bias) + tuple(layer.args[3:])
+    kwargs = {k: v for k, v in layer.kwargs.items() if k != "bias"}
+    with graph.inserting_after(layer):
+        folded = graph.call_function(layer.target, args, kwargs)
+    folded.meta.update(layer.meta)
+    call.node.replace_all_uses_with(folded)
+    graph.erase_node(call.node)
+    if call.tag is not None:
+        graph.erase_node(call.tag)
+    graph.erase_node(layer)
+
+
 def rewrite_sites(gm: fx.GraphModule, sites: list[Site], kernels: str = "inductor") -> int:
     """Rewrite ``gm`` (and the subgraphs holding sites) in place; returns the nodes replaced."""
     replaced = 0
@@ -66,6 +103,10 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], kernels: str = "inducto
         call = site.call = bn_call(site.call.node)  # re-read: an earlier rewrite may feed this one
         graph = call.node.graph  # gm's graph, or a subgraph's (a checkpointed region's body)
         touched[id(graph)] = graph
+        if site.action == FOLD:
+            _fold(graph, site)
+            replaced += 1
+            continue
         needs_rewrite = site.action == SYNC or (site.action == LOCAL and site.cumulative_momentum)
         if needs_rewrite:
             with graph.inserting_before(call.node):

@@ -6,7 +6,10 @@ tagged by ``bnpass::bn_site``, see capture.py). Actions:
 
 * ``sync``  training-mode statistics, reduced over the process group;
 * ``local`` training-mode statistics of this rank only (no group, or a group of one rank);
-* ``skip``  left exactly as traced (eval mode on running statistics, or not a shape bnpass handles).
+* ``fold``  eval mode on running statistics, the input a Conv or Linear output used only by this BN:
+  the rewrite folds the BN into that layer's weight and bias (computed in the graph from the current
+  parameters and buffers, so training can resume and nothing is modified in place);
+* ``skip``  left exactly as traced (eval mode that cannot be folded, or not a shape bnpass handles).
 
 The decisions are data (``Site``): the rewrite, the CLI and the tests all read them.
 """
@@ -24,9 +27,12 @@ import torch.nn.functional as F
 
 from .capture import EVAL_BATCH_STATS
 
-__all__ = ["Site", "BNCall", "find_sites", "SYNC", "LOCAL", "SKIP"]
+__all__ = ["Site", "BNCall", "find_sites", "fold_producer", "FOLDABLE", "SYNC", "LOCAL", "SKIP", "FOLD"]
 
-SYNC, LOCAL, SKIP = "sync", "local", "skip"
+SYNC, LOCAL, SKIP, FOLD = "sync", "local", "skip", "fold"
+# Layers a BN in eval mode folds into, with their weight's output-channel dimension (0).
+FOLDABLE = {torch.conv1d: "conv1d", torch.conv2d: "conv2d", torch.conv3d: "conv3d",
+             F.linear: "linear", torch._C._nn.linear: "linear"}
 
 _SIGNATURES = {
     F.batch_norm: inspect.signature(F.batch_norm),
@@ -146,13 +152,36 @@ def example_of(node: Any) -> Optional[torch.Tensor]:
     return val if isinstance(val, torch.Tensor) else None
 
 
+def fold_producer(call: BNCall) -> tuple[Optional[fx.Node], str]:
+    """(the Conv/Linear node an eval-mode BN folds into, "") or (None, why it cannot be folded)."""
+    producer = call.input
+    if not (isinstance(producer, fx.Node) and producer.op == "call_function" and producer.target in FOLDABLE):
+        return None, "its input is not the output of a Conv or Linear"
+    layer = FOLDABLE[producer.target]
+    if set(producer.users) != {call.tag if call.tag is not None else call.node}:
+        return None, f"the {layer} output has other users than this BN"
+    if producer.kwargs.keys() - {"bias", "stride", "padding", "dilation", "groups"} or len(producer.args) < 2:
+        return None, f"the {layer} call passes its input or weight by keyword"
+    if not all(isinstance(v, fx.Node) for v in (call.running_mean, call.running_var)):
+        return None, "no running statistics"
+    weight = example_of(producer.args[1])
+    if weight is None or not weight.is_floating_point():
+        return None, f"the {layer} weight is not a floating-point tensor"
+    return producer, ""
+
+
 def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: bool,
-            why_local: str) -> tuple[str, str, Optional[str], int]:
+            why_local: str, fold_eval: bool = True) -> tuple[str, str, Optional[str], int]:
     """(action, reason, group, world size) for one call."""
     if not isinstance(call.training, bool):
         return SKIP, "the training flag is not a constant in the graph", None, 1
     if not call.training:
-        return SKIP, "eval mode: normalizes with running statistics, nothing to reduce", None, 1
+        producer, why_not = fold_producer(call)
+        if producer is not None and fold_eval:
+            return FOLD, f"eval mode: folded into the {FOLDABLE[producer.target]}'s weight and bias", None, 1
+        why_not = why_not or "fold_eval=False"
+        return SKIP, f"eval mode: normalizes with running statistics, nothing to reduce; not folded: " \
+                     f"{why_not}", None, 1
     val = example_of(call.input)
     if val is not None and val.dim() < 2:
         return SKIP, f"input has {val.dim()} dims; BatchNorm needs (N, C, *)", None, 1
@@ -175,7 +204,7 @@ def _graph_modules(gm: fx.GraphModule) -> list[fx.GraphModule]:
 
 
 def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_sync: bool,
-               why_local: str) -> list[Site]:
+               why_local: str, fold_eval: bool = True) -> list[Site]:
     """Every BN call in ``gm`` and its subgraphs (bodies of higher-order ops such as activation
     checkpointing's), in graph order, with its decision."""
     sites = []
@@ -186,7 +215,8 @@ def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_
         name, cls = _module_of(node)
         op = f"nn.{cls.__name__}" if cls is not None and cls.__module__.startswith("torch.nn") else (
             cls.__name__ if cls is not None and "BatchNorm" in cls.__name__ else _OP_NAMES[node.target])
-        action, reason, site_group, site_ws = _decide(call, group, world_size, force_sync, why_local)
+        action, reason, site_group, site_ws = _decide(call, group, world_size, force_sync, why_local,
+                                                      fold_eval)
         val = example_of(call.input)
         sites.append(Site(
             index=len(sites), name=name, op=op,

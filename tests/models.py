@@ -157,6 +157,36 @@ class NotSynced(nn.Module):
         return self.eval_bn(self.inorm(self.gn(self.ln(self.frozen(x)))))
 
 
+class FoldNet(nn.Module):
+    """Eval-mode BN after: a Conv with bias, a grouped Conv without bias (BN affine=False), a Conv
+    whose output is also used elsewhere (not foldable), a Linear (BatchNorm1d)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 4, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(4)
+        self.conv2 = nn.Conv2d(4, 4, 3, padding=1, bias=False, groups=2)
+        self.bn2 = nn.BatchNorm2d(4, affine=False)
+        self.conv3 = nn.Conv2d(4, 4, 1)
+        self.bn3 = nn.BatchNorm2d(4)
+        self.fc = nn.Linear(4, 5)
+        self.bn4 = nn.BatchNorm1d(5)
+        with torch.no_grad():  # running statistics and affine parameters away from 0 / 1
+            for bn in (self.bn1, self.bn2, self.bn3, self.bn4):
+                bn.running_mean.uniform_(-1, 1)
+                bn.running_var.uniform_(0.5, 2.0)
+                if bn.affine:
+                    bn.weight.uniform_(0.5, 1.5)
+                    bn.bias.uniform_(-1, 1)
+
+    def forward(self, x):
+        a = F.relu(self.bn1(self.conv1(x)))
+        b = self.bn2(self.conv2(a))
+        c = self.conv3(b)
+        d = self.bn3(c) + c
+        return self.bn4(self.fc(d.mean((2, 3))))
+
+
 FACTORIES = {
     "convnet": ConvNet,
     "checkpointed": CheckpointedNet,
@@ -166,7 +196,17 @@ FACTORIES = {
     "linear_bn": LinearBN,
     "bn2d": BN2d,
     "not_synced": NotSynced,
+    "fold": FoldNet,
 }
+
+
+def factory(name: str):
+    """The model factory a spec names: a test model above, or ``zoo:NAME`` (tests/zoo/models.py)."""
+    if name.startswith("zoo:"):
+        from tests.zoo.models import BY_NAME
+
+        return BY_NAME[name[len("zoo:"):]].factory
+    return FACTORIES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,10 +228,11 @@ class Spec:
     step_sizes: tuple = ()  # per-step per-rank batch sizes; `sizes` for steps not listed
     accumulate: int = 1  # forward/backward passes per optimizer step (gradient accumulation)
     ddp: str = ""  # "outer": torch.compile(DDP(model)); "inner": DDP(torch.compile(model))
+    backend: str = "bnpass"  # or "bnpass_eager": the same pass without Inductor's codegen
 
     def build(self, dtype=None) -> nn.Module:
         torch.manual_seed(zlib.crc32(self.model.encode()))
-        model = FACTORIES[self.model]()
+        model = factory(self.model)()
         if self.sync_batchnorm:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         model.train(self.train)

@@ -15,7 +15,7 @@ def graph_breaks() -> int:
 
 
 def compile_and_train(spec: Spec, rank: int) -> dict:
-    """Train ``spec`` on this rank under torch.compile(backend="bnpass"); results and records."""
+    """Train ``spec`` on this rank under torch.compile(backend=spec.backend); results and records."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
@@ -28,9 +28,9 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
     ddp = None
     if spec.ddp == "outer":
         ddp = torch.nn.parallel.DistributedDataParallel(model)
-        compiled = torch.compile(ddp, backend="bnpass", options=options, **dict(spec.compile_kwargs))
+        compiled = torch.compile(ddp, backend=spec.backend, options=options, **dict(spec.compile_kwargs))
     else:
-        compiled = torch.compile(model, backend="bnpass", options=options, **dict(spec.compile_kwargs))
+        compiled = torch.compile(model, backend=spec.backend, options=options, **dict(spec.compile_kwargs))
         if spec.ddp == "inner":
             compiled = ddp = torch.nn.parallel.DistributedDataParallel(compiled)
     out = train(spec, model, compiled, rank, ddp)
@@ -42,6 +42,47 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
 
 def train_specs(rank: int, world_size: int, specs: list) -> dict:
     return {spec.name: compile_and_train(spec, rank) for spec in specs}
+
+
+def train_specs_reporting_errors(rank: int, world_size: int, specs: list) -> dict:
+    """As train_specs, but a spec that raises gives {"error": first line} and the next one runs
+    (the model zoo: one model that fails to compile is a row, not a failed job)."""
+    out = {}
+    for spec in specs:
+        try:
+            out[spec.name] = compile_and_train(spec, rank)
+        except Exception as e:  # noqa: BLE001 - reported in the zoo CSV
+            text = str(e).strip()
+            out[spec.name] = {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+    return out
+
+
+def fold_eval_checks(rank: int, world_size: int, spec: Spec) -> dict:
+    """Eval-mode folding (world size 0: no group needed): outputs in eval, the parameters after it,
+    a training step in between, eval again; the same model with fold_eval=False."""
+    out = {}
+    for fold in (True, False):
+        torch._dynamo.reset()
+        bnpass.clear_records()
+        model = spec.build().eval()
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        compiled = torch.compile(model, backend="bnpass", options={"fold_eval": fold})
+        x = spec.batch(0)
+        with torch.no_grad():
+            first = compiled(x)
+        unchanged = all(torch.equal(state[k], v) for k, v in model.state_dict().items())
+        model.train()  # training resumes (eagerly), then eval again on the updated parameters
+        opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        model(spec.batch(1)).square().sum().backward()
+        opt.step()
+        model.eval()
+        with torch.no_grad():
+            again = compiled(x)
+        out[fold] = {"first": first, "again": again, "unchanged": unchanged,
+                     "state_after": {k: v.clone() for k, v in model.state_dict().items()},
+                     "records": [r.to_json() for r in bnpass.compile_records()],
+                     "graph_breaks": graph_breaks()}
+    return out
 
 
 def single_rank_checks(rank: int, world_size: int, specs: list) -> dict:

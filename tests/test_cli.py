@@ -31,15 +31,18 @@ GOLDEN = Path(__file__).resolve().parent / "golden"
 MODELS = "tests/cli_models.py"
 SHAPE = "2,3,6,6"
 
-# (golden file, argv after TARGET): each is one compile.
+# (golden file, argv after TARGET): each is one compile. "tiny" is compiled by Inductor (the CLI's
+# default); the others by bnpass_eager (the same pass and record, no C++ to build: seconds, not
+# minutes; the JSON has nothing of the generated code), which test_eager_backend_... checks on "tiny".
+FAST = ["--backend", "bnpass_eager"]
 GOLDEN_RUNS = {
     "tiny": [f"{MODELS}:tiny", "--input-shape", SHAPE],
-    "tiny_eval_flag": [f"{MODELS}:tiny", "--input-shape", SHAPE, "--eval"],
-    "tiny_world_size_1": [f"{MODELS}:tiny", "--input-shape", SHAPE, "--world-size", "1"],
-    "tiny_eval_factory": ["tests.cli_models:tiny_eval", "--input-shape", SHAPE],
-    "broken": [f"{MODELS}:broken", "--input-shape", "2,3,4,4", "--world-size", "3"],
+    "tiny_eval_flag": [f"{MODELS}:tiny", "--input-shape", SHAPE, "--eval", *FAST],
+    "tiny_world_size_1": [f"{MODELS}:tiny", "--input-shape", SHAPE, "--world-size", "1", *FAST],
+    "tiny_eval_factory": ["tests.cli_models:tiny_eval", "--input-shape", SHAPE, *FAST],
+    "broken": [f"{MODELS}:broken", "--input-shape", "2,3,4,4", "--world-size", "3", *FAST],
     "tiny_bf16_channels_last": [f"{MODELS}:tiny", "--input-shape", SHAPE, "--dtype", "bfloat16",
-                                "--channels-last"],
+                                "--channels-last", *FAST],
 }
 
 
@@ -83,11 +86,12 @@ def test_golden_runs_say_what_each_case_means(golden_runs):
     assert tiny["collectives"]["forward"] == tiny["collectives"]["backward"] == 3
     assert tiny["totals"] == {"sites": 4, "sync": 3, "local": 0, "skip": 1}
 
-    # eval mode: the modules' BN normalize with running statistics; the functional call passes
+    # eval mode: the modules' BN normalize with running statistics, folded into the conv before
+    # them (the last one follows a BN, not a conv: skipped); the functional call passes
     # training=True itself, so it still computes (and syncs) batch statistics
     for name in ("tiny_eval_flag", "tiny_eval_factory"):
         run = golden_runs[name]
-        assert run["mode"] == "eval" and [s["action"] for s in run["sites"]] == ["skip", "skip", "sync", "skip"]
+        assert run["mode"] == "eval" and [s["action"] for s in run["sites"]] == ["fold", "fold", "sync", "skip"]
         assert run["collectives"]["forward"] == 1
     assert not golden_runs["tiny_eval_flag"]["backward"]  # --eval: forward only, under no_grad
     assert golden_runs["tiny_eval_flag"]["collectives"]["backward"] == 0
@@ -106,6 +110,8 @@ def test_golden_runs_say_what_each_case_means(golden_runs):
     assert broken["graphs"] == 2 and broken["graph_breaks"] == 1
     assert [(s["index"], s["graph"], s["name"]) for s in broken["sites"]] == [(0, 0, "bn_a"), (1, 1, "bn_b")]
     assert "3 rank(s)" in broken["sites"][0]["reason"]
+    # bn_a normalizes the model's input, which needs no gradient: no dx, so no backward collective
+    assert broken["collectives"]["forward"] == 2 and broken["collectives"]["backward"] == 1
 
 
 def test_collectives_match_a_real_two_rank_run(golden_runs):
@@ -126,6 +132,15 @@ def test_collectives_match_a_real_two_rank_run(golden_runs):
                 assert sum(r["collective_bytes"][direction] for r in records) == cli["collectives"]["bytes"][direction]
             assert sum(r["collective_bytes"]["forward"] + r["collective_bytes"]["backward"]
                        for r in records) == cli["collectives"]["bytes_per_step"]
+
+
+def test_eager_backend_finds_and_counts_the_same(golden_runs, tmp_path):
+    """``--backend bnpass_eager`` (no Inductor): the same sites, decisions and collectives."""
+    fast = _run_json(tmp_path, GOLDEN_RUNS["tiny"] + FAST)
+    tiny = golden_runs["tiny"]
+    assert [(s["name"], s["action"], s["reason"]) for s in fast["sites"]] == \
+        [(s["name"], s["action"], s["reason"]) for s in tiny["sites"]]
+    assert fast["collectives"] == tiny["collectives"] and fast["graph_breaks"] == tiny["graph_breaks"]
 
 
 # --- one compile with --kernels, rendered in every format -----------------------------------------
@@ -339,6 +354,7 @@ def test_timm_target(capsys):
     (["--channels-last", "--input-shape", "2,3"], "--channels-last needs a 4-D or 5-D --input-shape"),
     (["--format", "svg"], "invalid choice: 'svg'"),
     (["--input-shape", "2,x"], "is not a comma-separated list of sizes"),
+    (["--kernels", "--backend", "bnpass_eager"], "--kernels shows Inductor's code"),
 ])
 def test_bad_options_exit_2(argv, problem, capsys):
     assert main(["inspect", f"{MODELS}:tiny", *argv]) == 2

@@ -61,6 +61,8 @@ def test_backend_name_works_in_a_fresh_process_without_import():
         m = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 1), torch.nn.BatchNorm2d(4))
         torch.compile(m, backend="bnpass")(torch.randn(2, 3, 4, 4)).sum().backward()
         records = sys.modules["bnpass"].compile_records()
+        from torch._dynamo.backends.registry import lookup_backend
+        assert lookup_backend("bnpass_eager") is sys.modules["bnpass"].bnpass_eager_backend
         print(json.dumps([r.to_json() for r in records]))
     """)
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600)
