@@ -146,9 +146,9 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dy = triton_bn.like(dy, x)
         local = ops.triton_bn_backward_reduce(dy, x, mean_hi, mean_lo, scale, shift, ctx.relu)
-        mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)  # 2C float32
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
+            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)  # 2C float32
             dx = ops.triton_bn_backward_dx(dy, x, mean_hi, mean_lo, mean_dy, coef, scale, shift, ctx.relu)
         dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None

@@ -14,7 +14,7 @@ Forward (one all_reduce, 2C+1 float64 values):
     global:  mean = S1/N, var = S2/N - mean^2             (float64 keeps ~8 digits at |mean|/std=1e4)
     y = xhat * w + b
 
-Backward (one all_reduce, 2C float32 values):
+Backward (one all_reduce, 2C float32 values; none when x needs no gradient, e.g. a BN on the input):
     local:   [sum(dy), sum(dy * (x - mean))]              summed over ranks
     dx = w * invstd * (dy - sum(dy)/N - xhat * invstd * sum(dy*(x-mean))/N)
     dw = local sum(dy * xhat), db = local sum(dy)         (as nn.SyncBatchNorm: DDP averages them)
@@ -144,10 +144,10 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         dyf = dy.float()
         xmu = _centered(x.float(), mean_hi, mean_lo)
         local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
-        mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)
-        scale = invstd if weight is None else invstd * weight.float()
         dx = None
-        if ctx.needs_input_grad[0]:
+        if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
+            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)
+            scale = invstd if weight is None else invstd * weight.float()
             dx = ((dyf - _per_channel(mean_dy, x) - xmu * _per_channel(coef, x))
                   * _per_channel(scale, x)).to(x.dtype)
         dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
