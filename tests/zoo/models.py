@@ -1,5 +1,6 @@
 """The model zoo: torchvision and timm architectures (no pretrained weights), each with the input
-one sample of it takes in the sweep (small resolutions: the sweep pins graphs, not accuracy).
+one sample of it takes in the sweep (small resolutions: the sweep pins graphs, not accuracy), and
+dropout / stochastic depth at p = 0 (see ``_no_dropout``).
 
 Each model is a module-level factory, so that ``bnpass inspect tests.zoo.models:NAME`` and the
 sweep's worker processes build it by name. ``ZOO`` lists them in the CSV's order.
@@ -57,13 +58,22 @@ class DetectionTrainingLoss(nn.Module):
 def _tv(name: str, **kwargs) -> nn.Module:
     import torchvision.models as models
 
-    return models.get_model(name, weights=None, **kwargs)
+    return _no_dropout(models.get_model(name, weights=None, **kwargs))
 
 
 def _timm(name: str) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False)
+    return timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
+
+
+def _no_dropout(model: nn.Module) -> nn.Module:
+    """Dropout and stochastic depth off (p = 0; the modules stay in the graph): the ranks' random
+    masks cannot be drawn again by the reference on the global batch, so parity needs none."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth":
+            module.p = 0.0
+    return model
 
 
 def resnet18(): return _tv("resnet18")

@@ -22,21 +22,22 @@ NOT_APPLICABLE = {
 }
 
 
-def spec(name: str) -> Spec:
+def spec(name: str, backend: str = "bnpass") -> Spec:
     return Spec(f"zoo:{name}", f"zoo:{name}", SIZES, BY_NAME[name].sample_shape, steps=1,
-                options=(("agree_timeout_s", AGREE_TIMEOUT_S),))
+                options=(("agree_timeout_s", AGREE_TIMEOUT_S),), backend=backend)
 
 
-def run_parity(names: list[str]) -> dict[str, dict]:
+def run_parity(names: list[str], backend: str = "bnpass", deadline_s: float = 900.0) -> dict[str, dict]:
     """name -> {"verdict": "pass" | "FAIL" | "error: ..." | "n/a: ...", "detail": str,
-    "per_rank": the ranks' results or None}, running every applicable model in one 2-rank job."""
+    "per_rank": the ranks' results or None}, running every applicable model in one 2-rank job
+    under ``backend`` ("bnpass": Inductor; "bnpass_eager": the same graphs without codegen)."""
     out = {n: {"verdict": NOT_APPLICABLE[n], "detail": "", "per_rank": None}
            for n in names if n in NOT_APPLICABLE}
-    specs = [spec(n) for n in names if n not in NOT_APPLICABLE]
+    specs = [spec(n, backend) for n in names if n not in NOT_APPLICABLE]
     if not specs:
         return out
     try:
-        results = run_ranks("tests.rank_jobs:train_specs_reporting_errors", 2, specs)
+        results = run_ranks("tests.rank_jobs:train_specs_reporting_errors", 2, specs, deadline_s=deadline_s)
     except RankFailure as failure:  # a rank died outright: every model of the job reports it
         reason = str(failure).splitlines()[1][:200] if "\n" in str(failure) else str(failure)
         return {**out, **{s.model[4:]: {"verdict": f"error: {reason}", "detail": "", "per_rank": None}

@@ -10,7 +10,8 @@ from pathlib import Path
 from tests.zoo.sweep import GRAPH_COLUMNS
 
 EXPECTED = Path(__file__).with_name("expected.csv")
-PARITY_COLUMNS = ["parity", "parity_detail"]
+# parity: the sweep of every model under bnpass_eager; parity_inductor: under Inductor, where run.
+PARITY_COLUMNS = ["parity", "parity_detail", "parity_inductor", "parity_inductor_detail"]
 COLUMNS = GRAPH_COLUMNS + PARITY_COLUMNS
 
 

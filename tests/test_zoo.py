@@ -1,0 +1,132 @@
+"""Model zoo: what bnpass does to the training graph of 24 torchvision and timm models, pinned in
+tests/zoo/expected.csv, and the synced step against float64 on the global batch.
+
+Default tier: the graph-level columns of every model (bnpass_eager, a simulated 2-rank world, two
+worker processes); parity on 2 gloo ranks for resnet18, mobilenet_v3_small, densenet121 and timm's
+efficientnet_b0 under bnpass_eager, and for resnet18 under Inductor. Slow tier
+(``scripts/test.sh -m slow``): parity for every model, and the four under Inductor.
+Regenerate the table with ``python -m tests.zoo [--parity] [--parity-inductor] --write`` and review the diff.
+"""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+from tests.checks import assert_counts
+from tests.zoo import table
+from tests.zoo.models import ZOO, ZooModel
+from tests.zoo.parity import NOT_APPLICABLE, run_parity
+from tests.zoo.sweep import graph_row, graph_rows
+
+CORE_PARITY = ["resnet18", "mobilenet_v3_small", "densenet121", "timm/efficientnet_b0"]
+REGENERATE = "python -m tests.zoo --write (then review the diff)"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    return {r["model"]: r for r in graph_rows([m.name for m in ZOO])}
+
+
+@pytest.fixture(scope="module")
+def expected():
+    found = table.read()
+    assert found, f"{table.EXPECTED} is missing; create it with {REGENERATE}"
+    return found
+
+
+def test_graph_columns_match_expected_csv(rows, expected):
+    assert sorted(expected) == sorted(rows), f"models in {table.EXPECTED} differ from the zoo: {REGENERATE}"
+    old = table.render([{**expected[n], **table.graph_columns(rows[n])} for n in expected])
+    new = table.render(list(expected.values()))
+    change = table.diff(new, old)
+    assert not change, f"the zoo's graphs changed; if that is intended, {REGENERATE}:\n{change}"
+
+
+def test_every_batchnorm_module_is_a_synced_site(rows):
+    """Every BN module of every model syncs, once per direction; no graph break bnpass causes."""
+    for name, row in rows.items():
+        assert row["error"] == "", f"{name}: {row['error']}"
+        n = row["bn_modules"]
+        want = {"sites": n, "synced": n, "local": 0, "skipped": 0, "fw_collectives": n, "bw_collectives": n}
+        got = {k: row[k] for k in want}
+        assert got == want, f"{name}: {got} != {want}"
+        if row["graph_breaks"]:  # the model's own (torchvision detection): stock Dynamo breaks as often
+            assert row["graph_breaks"] == row["stock_graph_breaks"], f"{name}: {row}"
+        else:
+            assert row["stock_graph_breaks"] == "-"
+
+
+def test_frozen_and_layer_norm_models_have_no_synced_site(rows):
+    assert rows["fasterrcnn_mobilenet_v3_large_320_fpn"]["frozen_bn"] > 0
+    for name in ("fasterrcnn_mobilenet_v3_large_320_fpn", "convnext_tiny", "vit_b_16"):
+        assert rows[name]["sites"] == rows[name]["synced"] == rows[name]["fw_collectives"] == 0, rows[name]
+
+
+def _assert_parity(results: dict, names: list, expected: dict, column: str) -> None:
+    for name in names:
+        result = results[name]
+        assert result["verdict"] == "pass", f"{name}: {result['verdict']} {result['detail']}"
+        n = int(expected[name]["bn_modules"])
+        assert_counts(result["per_rank"], sites=n, synced=n, forward=n, backward=n)
+        assert expected[name][column] == "pass", f"{table.EXPECTED} says {name}: {expected[name][column]}"
+
+
+def test_core_models_match_float64(expected):
+    """One synced training step on 2 gloo ranks (batches 2 and 3) against float64 on the global
+    batch, for the four core models (bnpass_eager: bnpass's graphs, without Inductor's codegen), and
+    resnet18 under Inductor; counts from the compiled graphs; the verdicts the table records."""
+    _assert_parity(run_parity(CORE_PARITY, "bnpass_eager"), CORE_PARITY, expected, "parity")
+    _assert_parity(run_parity(["resnet18"], "bnpass"), ["resnet18"], expected, "parity_inductor")
+
+
+@pytest.mark.slow
+def test_full_parity_sweep(expected):
+    """Every model (bnpass_eager); the verdicts must be the table's."""
+    results = run_parity([m.name for m in ZOO], "bnpass_eager", deadline_s=3600)
+    for name, result in results.items():
+        want = NOT_APPLICABLE.get(name, "pass")
+        assert result["verdict"] == want, f"{name}: {result['verdict']} {result['detail']}"
+        assert expected[name]["parity"] == want, f"{table.EXPECTED} says {name}: {expected[name]['parity']}"
+
+
+@pytest.mark.slow
+def test_core_models_match_float64_under_inductor(expected):
+    """The four core models under Inductor (cold compiles: densenet121 alone takes over 10 min here)."""
+    _assert_parity(run_parity(CORE_PARITY, "bnpass", deadline_s=3 * 3600), CORE_PARITY, expected,
+                   "parity_inductor")
+
+
+def unbuildable():
+    raise RuntimeError("this architecture needs a download")
+
+
+class NeedsTwoInputs(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+
+    def forward(self, x, mask):
+        return self.bn(x) * mask
+
+
+def needs_two_inputs():
+    return NeedsTwoInputs()
+
+
+def test_a_model_that_cannot_be_built_or_run_is_a_row_with_the_reason():
+    shape = (3, 8, 8)
+    row = graph_row(ZooModel("broken", "test", unbuildable, shape))
+    assert "RuntimeError: this architecture needs a download" in row["error"], row
+    row = graph_row(ZooModel("two_inputs", "test", needs_two_inputs, shape))
+    assert "missing 1 required positional argument: 'mask'" in row["error"], row
+    assert row["sites"] == "" and row["bn_modules"] == 1
+
+
+def test_table_round_trips(tmp_path):
+    rows = [{**{c: "" for c in table.COLUMNS}, "model": m.name, "bn_modules": "3", "parity": "pass"}
+            for m in ZOO[:3]]
+    path = tmp_path / "zoo.csv"
+    path.write_text(table.render(rows))
+    assert list(table.read(path).values()) == rows
+    assert table.diff(table.render(rows), table.render(rows[:2])).count("\n-") == 1
