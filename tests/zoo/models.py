@@ -64,15 +64,21 @@ def _tv(name: str, **kwargs) -> nn.Module:
 def _timm(name: str) -> nn.Module:
     import timm
 
-    return timm.create_model(name, pretrained=False, drop_rate=0.0, drop_path_rate=0.0)
+    return _no_dropout(timm.create_model(name, pretrained=False))
 
 
 def _no_dropout(model: nn.Module) -> nn.Module:
     """Dropout and stochastic depth off (p = 0; the modules stay in the graph): the ranks' random
-    masks cannot be drawn again by the reference on the global batch, so parity needs none."""
+    masks cannot be drawn again by the reference on the global batch, so parity needs none.
+    nn.Dropout*, torchvision's StochasticDepth (``p``), timm's DropPath (``drop_prob``) and the
+    ``drop_rate`` timm models pass to F.dropout themselves."""
     for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd) or type(module).__name__ == "StochasticDepth":
             module.p = 0.0
+        if isinstance(getattr(module, "drop_prob", None), float):
+            module.drop_prob = 0.0
+        if isinstance(getattr(module, "drop_rate", None), float):
+            module.drop_rate = 0.0
     return model
 
 
