@@ -1,0 +1,64 @@
+"""What bnpass costs apart from communication: resnet18 training-step time in ONE process on torch's
+fake process group of 2 ranks (bnpass emits its collectives, which complete at once without moving
+data), stock inductor vs bnpass, interleaved in rounds; no DDP. The difference from the 2-rank gloo
+benchmark (cpu_resnet18.py) is what the collectives cost.
+
+    python benchmarks/compute_overhead.py [--rounds 5 --steps 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=5)
+    args = parser.parse_args(argv)
+    import torchvision
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import bnpass  # noqa: F401 - the backend, also without the package installed
+
+    bnpass.register()
+    torch.set_num_threads(1)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    x, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    runs, times = {}, {}
+    for backend in ("inductor", "bnpass"):
+        torch.manual_seed(0)
+        model = torchvision.models.resnet18(num_classes=10)
+        compiled = torch.compile(model, backend=backend)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01)
+        runs[backend] = (compiled, opt)
+        for _ in range(2):  # compile, then settle
+            F.cross_entropy(compiled(x), labels).backward()
+            opt.step()
+            opt.zero_grad()
+    for _ in range(args.rounds):
+        for backend, (compiled, opt) in runs.items():
+            start = time.perf_counter()
+            for _ in range(args.steps):
+                F.cross_entropy(compiled(x), labels).backward()
+                opt.step()
+                opt.zero_grad()
+            times.setdefault(backend, []).append((time.perf_counter() - start) / args.steps * 1e3)
+    median = {b: statistics.median(t) for b, t in times.items()}
+    print(f"resnet18 64x64 batch 8, one process, fake group of 2, 1 thread; median of {args.rounds} "
+          f"rounds x {args.steps} steps: inductor {median['inductor']:.1f} ms, bnpass "
+          f"{median['bnpass']:.1f} ms, ratio {median['bnpass'] / median['inductor']:.3f}. Rounds (ms): "
+          + "; ".join(f"{b} " + " ".join(f"{t:.0f}" for t in ts) for b, ts in times.items()))
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
