@@ -30,12 +30,12 @@ JSON schema ``bnpass-inspect/1`` (``--format json``)::
         "op": str,                 # "nn.BatchNorm2d", "nn.SyncBatchNorm", "F.batch_norm", ...
         "channels": int | null, "dtype": str,
         "layout": "contiguous" | "channels_last" | "channels_last_3d" | "strided" | "unknown",
-        "action": "sync" | "local" | "skip",
+        "action": "sync" | "local" | "skip" | "fold",   # fold: eval BN folded into its conv
         "reason": str,
         "group": str | null,       # process group the statistics are reduced over (sync only)
         "kernels": {"forward": [str], "backward": [str]}      # with --kernels only
       }],
-      "totals": {"sites": int, "sync": int, "local": int, "skip": int},
+      "totals": {"sites": int, "sync": int, "local": int, "skip": int},  # + "fold": int when any
       "collectives": {             # counted in the graphs AOTAutograd handed to Inductor
         "forward": int, "backward": int,
         "bytes_per_step": int,     # bytes of the all_reduce buffers per step, per rank
