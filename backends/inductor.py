@@ -23,7 +23,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bnpass.inspect_capture import digest, kernel_info
 
-__all__ = ["lower", "count_all_reduces", "record_graph", "HOST_SYNCS"]
+__all__ = ["lower", "count_all_reduces", "record_graph"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
 # Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs).

@@ -15,13 +15,14 @@ from .options import BNPassError, Options  # noqa: E402
 from .record import GraphRecord, clear_records, compile_records  # noqa: E402
 from .sites import Site  # noqa: E402
 
-__all__ = ["bnpass_backend", "bnpass_eager_backend", "BNPassError", "Options", "GraphRecord", "Site", "compile_records",
-           "clear_records", "register"]
+__all__ = ["bnpass_backend", "bnpass_eager_backend", "BNPassError", "Options", "GraphRecord", "Site",
+           "compile_records", "clear_records", "register"]
 __version__ = "0.1.0"
 
 
 def register() -> None:
-    """Make ``backend="bnpass"`` (and ``"bnpass_eager"``) known where the package is not pip-installed (PYTHONPATH runs).
+    """Make ``backend="bnpass"`` and ``"bnpass_eager"`` known where the package is not pip-installed
+    (PYTHONPATH runs).
 
     With the package installed its entry point does this; calling it anyway is harmless.
     """

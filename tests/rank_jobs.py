@@ -52,8 +52,9 @@ def train_specs_reporting_errors(rank: int, world_size: int, specs: list) -> dic
         try:
             out[spec.name] = compile_and_train(spec, rank)
         except Exception as e:  # noqa: BLE001 - reported in the zoo CSV
-            text = str(e).strip()
-            out[spec.name] = {"error": f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]}
+            from tests.zoo.sweep import error_line
+
+            out[spec.name] = {"error": error_line(e)}
     return out
 
 

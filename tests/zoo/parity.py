@@ -33,21 +33,21 @@ def run_parity(names: list[str], backend: str = "bnpass", deadline_s: float = 90
     under ``backend`` ("bnpass": Inductor; "bnpass_eager": the same graphs without codegen)."""
     out = {n: {"verdict": NOT_APPLICABLE[n], "detail": "", "per_rank": None}
            for n in names if n in NOT_APPLICABLE}
-    specs = [spec(n, backend) for n in names if n not in NOT_APPLICABLE]
+    specs = {n: spec(n, backend) for n in names if n not in NOT_APPLICABLE}
     if not specs:
         return out
     try:
-        results = run_ranks("tests.rank_jobs:train_specs_reporting_errors", 2, specs, deadline_s=deadline_s)
+        results = run_ranks("tests.rank_jobs:train_specs_reporting_errors", 2, list(specs.values()),
+                            deadline_s=deadline_s)
     except RankFailure as failure:  # a rank died outright: every model of the job reports it
         reason = str(failure).splitlines()[1][:200] if "\n" in str(failure) else str(failure)
-        return {**out, **{s.model[4:]: {"verdict": f"error: {reason}", "detail": "", "per_rank": None}
-                          for s in specs}}
-    for s in specs:
+        return {**out, **{n: {"verdict": f"error: {reason}", "detail": "", "per_rank": None} for n in specs}}
+    for name, s in specs.items():
         per_rank = [r[s.name] for r in results]
         errors = [r["error"] for r in per_rank if "error" in r]
         if errors:
-            out[s.model[4:]] = {"verdict": f"error: {errors[0]}", "detail": "", "per_rank": per_rank}
+            out[name] = {"verdict": f"error: {errors[0]}", "detail": "", "per_rank": per_rank}
             continue
         passed, detail = rmse_verdict(per_rank, s)
-        out[s.model[4:]] = {"verdict": "pass" if passed else "FAIL", "detail": detail, "per_rank": per_rank}
+        out[name] = {"verdict": "pass" if passed else "FAIL", "detail": detail, "per_rank": per_rank}
     return out

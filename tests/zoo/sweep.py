@@ -14,6 +14,7 @@ A model that cannot be built, run or traced is a row with the reason in ``error`
 from __future__ import annotations
 
 import concurrent.futures as futures
+import io
 import multiprocessing
 import os
 import sys
@@ -27,7 +28,8 @@ MODEL_DEADLINE_S = float(os.environ.get("BNPASS_ZOO_MODEL_DEADLINE_S", 300))
 BATCH = 2  # per rank, in the graph-level run
 
 
-def _first_line(e: BaseException) -> str:
+def error_line(e: BaseException) -> str:
+    """One line for a CSV cell: the exception's type and the first line of its message."""
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0] if text else ''}"[:300]
 
@@ -66,9 +68,9 @@ def graph_row(zoo_model) -> dict:
         row["bn_modules"], row["frozen_bn"] = _count_modules(zoo_model.factory())
         args = InspectArgs(target=zoo_model.target, input_shape=(BATCH,) + zoo_model.sample_shape,
                            world_size=2, backend="bnpass_eager")
-        data = inspect_model(args, Progress(stream=open(os.devnull, "w"), every=0))
+        data = inspect_model(args, Progress(stream=io.StringIO(), every=0))
     except Exception as e:  # noqa: BLE001 - the row says why
-        row["error"] = _first_line(e)
+        row["error"] = error_line(e)
         return row
     actions = [s["action"] for s in data["sites"]]
     row.update(sites=len(actions), synced=actions.count("sync"), local=actions.count("local"),
