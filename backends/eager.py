@@ -24,7 +24,7 @@ def lower(gm, example_inputs, options, record):
 
     def compiler(direction):
         def compile_graph(graph_module, _example_inputs):
-            record_graph(record, graph_module, direction)
+            record_graph(record, graph_module, direction, options)
             return make_boxed_func(graph_module.forward)
         return compile_graph
 

@@ -1,6 +1,8 @@
 """Lower: hand the rewritten Dynamo graph to Inductor (``compile_fx``), keyed apart from stock graphs.
 
-Two things are added to a stock Inductor compile:
+Three things are added to a stock Inductor compile:
+* bnpass's schedule of the collectives (bnpass/schedule.py: packing, overlap) on the graphs
+  AOTAutograd hands to Inductor;
 * a ``post_grad_custom_post_pass`` that does nothing but carry a uuid (bnpass's source and the
   options that change code), so that neither AOTAutograd's nor Inductor's FX graph cache can serve
   a stock graph, or one from another bnpass version or options, to this compile (shared/FACTS.md);
@@ -22,6 +24,7 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bnpass.inspect_capture import digest, kernel_info
+from bnpass.schedule import schedule_collectives
 
 __all__ = ["lower", "count_all_reduces", "record_graph"]
 
@@ -46,7 +49,7 @@ def source_hash() -> str:
     return digest.hexdigest()
 
 
-_PIPELINE = ("capture", "sites", "rewrite", "ops", "options", "backend", "agree")
+_PIPELINE = ("capture", "sites", "rewrite", "ops", "options", "backend", "agree", "schedule")
 
 
 class CacheKeyPass(CustomGraphPass):
@@ -74,9 +77,13 @@ def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
     return count, nbytes
 
 
-def record_graph(record, gm: torch.fx.GraphModule, direction: str) -> None:
-    """Count the collectives and host syncs of one AOTAutograd graph (``direction`` "forward" or
-    "backward") into the compile's record, and keep its digest for ``bnpass inspect``."""
+def record_graph(record, gm: torch.fx.GraphModule, direction: str, options) -> None:
+    """Schedule the collectives of one AOTAutograd graph (``direction`` "forward" or "backward"),
+    in place (bnpass/schedule.py), then count its collectives and host syncs into the compile's
+    record, and keep its digest for ``bnpass inspect``."""
+    report = schedule_collectives(gm, pack=options.pack_collectives, overlap=options.overlap)
+    record.collectives_unpacked[direction] += report.collectives_before
+    record.schedules[direction] = report
     count, nbytes = count_all_reduces(gm)
     record.collectives[direction] += count
     record.collective_bytes[direction] += nbytes
@@ -85,9 +92,9 @@ def record_graph(record, gm: torch.fx.GraphModule, direction: str) -> None:
     record.graphs[direction] = digest(gm, record.site_nodes, direction)
 
 
-def _counting_inner_compile(record, gm, example_inputs, **kwargs):
+def _counting_inner_compile(record, options, gm, example_inputs, **kwargs):
     direction = "backward" if kwargs.get("is_backward") else "forward"
-    record_graph(record, gm, direction)
+    record_graph(record, gm, direction, options)
     with _provenance_scope():
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
     record.kernels[direction] = kernel_info(compiled)
@@ -113,6 +120,8 @@ def lower(gm, example_inputs, options, record):
     patches = {}
     if options.mode is not None:
         patches.update(torch._inductor.list_mode_options(options.mode))
+    if options.overlap:  # Inductor's peak-memory reordering would undo bnpass's schedule
+        patches["reorder_for_peak_memory"] = False
     patches.update(options.inductor_config)
     patches["post_grad_custom_post_pass"] = CacheKeyPass(options.fingerprint())
     # AOTAutograd's cache would hand back compiled graphs without calling inner_compile, and the
@@ -121,6 +130,6 @@ def lower(gm, example_inputs, options, record):
         return compile_fx(
             gm,
             example_inputs,
-            inner_compile=functools.partial(_counting_inner_compile, record),
+            inner_compile=functools.partial(_counting_inner_compile, record, options),
             config_patches=patches,
         )

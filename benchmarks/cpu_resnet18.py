@@ -27,7 +27,9 @@ import torch.nn.functional as F
 VARIANTS = ("eager", "inductor", "bnpass")
 # bnpass-group: statistics reduced over a process group of their own (options["process_group"]),
 # so that they do not queue behind DDP's gradient buckets on the default group.
-EXTRA_VARIANTS = ("bnpass-group",)
+# bnpass-unscheduled: one all_reduce per BatchNorm per direction, in traced order, each waited for at
+# once (options pack_collectives=False, overlap=False: bnpass before its schedule, bnpass/schedule.py).
+EXTRA_VARIANTS = ("bnpass-group", "bnpass-unscheduled")
 
 
 def build(variant: str, stats_group=None):
@@ -39,6 +41,9 @@ def build(variant: str, stats_group=None):
         return model, model
     if variant == "bnpass-group":
         return model, torch.compile(model, backend="bnpass", options={"process_group": stats_group})
+    if variant == "bnpass-unscheduled":
+        return model, torch.compile(model, backend="bnpass",
+                                    options={"pack_collectives": False, "overlap": False})
     return model, torch.compile(model, backend=variant)
 
 
@@ -88,6 +93,7 @@ def rank_main(rank, world, store, args, queue):
             "sites": sum(len(r.sites) for r in mine),
             "synced": sum(r.count("sync") for r in mine),
             "collectives": {d: sum(r.collectives[d] for r in mine) for d in ("forward", "backward")},
+            "unpacked": {d: sum(r.collectives_unpacked[d] for r in mine) for d in ("forward", "backward")},
         })
     dist.destroy_process_group()
 
@@ -130,7 +136,8 @@ def main(argv=None) -> int:
         lines.append(f"| {v} | {bn} | {median[v]:.1f} | {median[v] / median['inductor']:.3f} | "
                      f"{result['compile_s'][v]:.1f} |")
     lines += ["", f"bnpass: {result['sites']} BN sites, {result['synced']} synced, collectives per step: "
-              f"forward {result['collectives']['forward']}, backward {result['collectives']['backward']}. "
+              f"forward {result['collectives']['forward']}, backward {result['collectives']['backward']} "
+              f"(unpacked: {result['unpacked']['forward']}, {result['unpacked']['backward']}). "
               f"Rounds (ms): " + "; ".join(
                   f"{v} " + " ".join(f"{t * 1e3:.0f}" for t in result["times"][v]) for v in args.variants)]
     text = "\n".join(lines)

@@ -36,10 +36,11 @@ JSON schema ``bnpass-inspect/1`` (``--format json``)::
         "kernels": {"forward": [str], "backward": [str]}      # with --kernels only
       }],
       "totals": {"sites": int, "sync": int, "local": int, "skip": int},  # + "fold": int when any
-      "collectives": {             # counted in the graphs AOTAutograd handed to Inductor
-        "forward": int, "backward": int,
+      "collectives": {             # counted in the graphs AOTAutograd handed to Inductor, after
+        "forward": int, "backward": int,   # bnpass's schedule packed independent ones together
         "bytes_per_step": int,     # bytes of the all_reduce buffers per step, per rank
-        "bytes": {"forward": int, "backward": int}
+        "bytes": {"forward": int, "backward": int},
+        "unpacked": {"forward": int, "backward": int}   # before packing: one per synced site
       },
       "graph_breaks": int,
       "site": {"index": int, "before": [str], "after": [str]},               # with --site only

@@ -206,6 +206,7 @@ def _inspection(args: InspectArgs, mode: str, backward: bool, records, graph_bre
         graphs.append({
             "index": record.graph_index, "site_offset": offset, "sites": len(record.sites),
             "collectives": dict(record.collectives), "collective_bytes": dict(record.collective_bytes),
+            "collectives_unpacked": dict(record.collectives_unpacked),
             "graphs": {d: record.graphs.get(d) for d in ("forward", "backward")},
             "kernels": {d: record.kernels.get(d) for d in ("forward", "backward")},
         })
@@ -219,7 +220,9 @@ def _inspection(args: InspectArgs, mode: str, backward: bool, records, graph_bre
         "channels_last": args.channels_last, "backward": backward,
         "sites": sites, "graphs": graphs,
         "collectives": {"forward": fw, "backward": bw, "bytes_per_step": fw_bytes + bw_bytes,
-                        "bytes": {"forward": fw_bytes, "backward": bw_bytes}},
+                        "bytes": {"forward": fw_bytes, "backward": bw_bytes},
+                        "unpacked": {d: sum(g["collectives_unpacked"][d] for g in graphs)
+                                     for d in ("forward", "backward")}},
         "graph_breaks": graph_breaks, "elapsed_s": elapsed,
         "torch": torch.__version__,
     }

@@ -22,6 +22,10 @@ _DOC = {
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
     "fold_eval": "bool (default True): fold an eval-mode BatchNorm into the Conv/Linear before it",
+    "pack_collectives": "bool (default True): BatchNorms whose statistics do not depend on each other "
+                        "share one all_reduce per direction",
+    "overlap": "bool (default True): issue each all_reduce as soon as its payload is ready and wait "
+               "for it as late as possible (convolution backwards split into input and weight parts)",
     "agree_timeout_s": "seconds a rank waits for the others to compile the same BatchNorms (300)",
     "kernels": "'inductor' (default): Inductor generates the BN kernels; 'triton': bnpass's Triton "
                "kernels for synced CUDA sites (an error elsewhere); 'auto': per site by a shape rule "
@@ -48,6 +52,8 @@ class Options:
     agree_timeout_s: float = 300.0
     kernels: str = "inductor"
     fold_eval: bool = True
+    pack_collectives: bool = True
+    overlap: bool = True
     mode: Optional[str] = None
 
     @classmethod
@@ -58,7 +64,7 @@ class Options:
             valid = "; ".join(f"{k}: {v}" for k, v in _DOC.items())
             raise BNPassError(f"unknown option(s) {unknown}. Valid options are {valid}.")
         opts = cls(mode=mode, **options)
-        for flag in ("force_sync", "fold_eval"):
+        for flag in ("force_sync", "fold_eval", "pack_collectives", "overlap"):
             if not isinstance(getattr(opts, flag), bool):
                 raise BNPassError(f"option {flag} must be a bool, got {type(getattr(opts, flag)).__name__}")
         if isinstance(opts.agree_timeout_s, bool) or not isinstance(opts.agree_timeout_s, (int, float)) \
@@ -96,5 +102,7 @@ class Options:
         """What of these options changes generated code (the group's name is in the graph itself)."""
         kernels = "" if self.kernels == "inductor" else f";kernels={self.kernels}"
         fold = "" if self.fold_eval else ";fold_eval=False"
+        pack = "" if self.pack_collectives else ";pack_collectives=False"
+        overlap = "" if self.overlap else ";overlap=False"
         return (f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}"
-                f"{kernels}{fold}")
+                f"{kernels}{fold}{pack}{overlap}")

@@ -18,6 +18,8 @@ class GraphRecord:
     world_size: int
     # Filled in by the lowering from the graphs AOTAutograd hands to Inductor.
     collectives: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    collectives_unpacked: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    schedules: dict = dataclasses.field(default_factory=dict)  # direction -> schedule.ScheduleReport
     collective_bytes: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     host_syncs: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     # For `bnpass inspect` (plain data, see inspect_capture.py). Filled in by the backend around the
@@ -40,6 +42,7 @@ class GraphRecord:
             "world_size": self.world_size,
             "sites": [s.to_json() for s in self.sites],
             "collectives": dict(self.collectives),
+            "collectives_unpacked": dict(self.collectives_unpacked),
             "collective_bytes": dict(self.collective_bytes),
             "host_syncs": dict(self.host_syncs),
         }

@@ -31,15 +31,21 @@ def _totals(data: dict) -> list[str]:
     counted = ", ".join(f"{a} {sum(s['action'] == a for s in sites)}" for a in actions)
     c = data["collectives"]
     graphs = len(data["graphs"])
-    backward = (f"backward {c['backward']}" if data["backward"]
+    unpacked = c.get("unpacked", {})
+    backward = (f"backward {c['backward']}{_packed(c['backward'], unpacked.get('backward'))}" if data["backward"]
                 else "backward not run (" + ("--eval" if data["mode"] == "eval" else "no output needs a gradient") + ")")
     return [
         f"sites: {len(sites)} ({counted}) in {graphs} compiled graph{'s' * (graphs != 1)}",
-        f"collectives per training step: forward {c['forward']}, {backward}",
+        f"collectives per training step: forward {c['forward']}{_packed(c['forward'], unpacked.get('forward'))}, "
+        f"{backward}",
         f"bytes they reduce per step per rank: {c['bytes_per_step']:,} "
         f"(forward {c['bytes']['forward']:,}, backward {c['bytes']['backward']:,})",
         f"graph breaks: {data['graph_breaks']}",
     ]
+
+
+def _packed(after: int, before) -> str:
+    return f" ({before} before packing)" if before is not None and before != after else ""
 
 
 def site_section(site: dict) -> list[str]:

@@ -106,10 +106,12 @@ def rmse_verdict(per_rank: list[dict], spec) -> tuple[bool, str]:
 
 
 def assert_counts(per_rank: list[dict], *, sites: int, synced: int, forward: int, backward: int,
-                  graphs: int | None = 1, breaks_outside_bn: tuple = ()) -> None:
+                  graphs: int | None = 1, breaks_outside_bn: tuple = (), unpacked: tuple | None = None) -> None:
     """Sites found and synced, collectives per step (from the compiled graphs), no graph break,
     no host synchronisation in the compiled graphs. ``breaks_outside_bn``: words that mark graph
-    breaks of code around the model (DDP's own forward) that stock backends have too."""
+    breaks of code around the model (DDP's own forward) that stock backends have too.
+    ``unpacked``: (forward, backward) collectives before packing (bnpass/schedule.py); by default
+    the same as after, i.e. nothing packed."""
     for rank, r in enumerate(per_rank):
         records = r["records"]
         assert len(records) == graphs or (graphs is None and records), \
@@ -124,8 +126,10 @@ def assert_counts(per_rank: list[dict], *, sites: int, synced: int, forward: int
                 n for reason, n in r.get("graph_break_reasons", {}).items()
                 if any(word in reason for word in breaks_outside_bn)),
             "host_syncs": sum(sum(rec["host_syncs"].values()) for rec in records),
+            "unpacked": tuple(sum(rec["collectives_unpacked"][d] for rec in records)
+                              for d in ("forward", "backward")),
         }
         want = {"sites": sites, "synced": synced, "forward": forward, "backward": backward,
-                "graph_breaks": 0, "host_syncs": 0}
+                "graph_breaks": 0, "host_syncs": 0, "unpacked": unpacked or (forward, backward)}
         assert got == want, (f"rank {rank}: {got} != {want}; sites: {all_sites}; graph breaks: "
                              f"{r.get('graph_break_reasons')}")

@@ -137,3 +137,32 @@ def cache_probe(rank: int, world_size: int, spec: Spec, backend: str, options: d
                     if k in ("inductor", "aot_autograd")}
     out["records"] = [r.to_json() for r in bnpass.compile_records()]
     return out
+
+
+def scheduled_graphs(rank: int, world_size: int, model: str, shape: tuple, variants: dict) -> dict:
+    """One training step of ``model`` (a tests/models.py factory) on torch's fake group of 2 ranks,
+    under ``bnpass_eager``, once per options dict of ``variants``: per variant, the graph's record,
+    the digests of its scheduled forward and backward graphs, the schedule's reports, and the
+    step's output and gradients (bnpass/schedule.py; tests/test_schedule.py)."""
+    import dataclasses
+
+    from bnpass.inspect_run import fake_world
+    from tests.models import factory
+
+    out = {}
+    with fake_world(2):
+        for name, options in variants.items():
+            torch._dynamo.reset()
+            bnpass.clear_records()
+            torch.manual_seed(0)
+            net = factory(model)()
+            x = torch.randn(shape, generator=torch.Generator().manual_seed(0), requires_grad=True)
+            y = torch.compile(net, backend="bnpass_eager", options=options)(x)
+            y.square().sum().backward()
+            (record,) = bnpass.compile_records()
+            out[name] = {
+                "record": record.to_json(), "graphs": record.graphs,
+                "schedules": {d: dataclasses.asdict(r) for d, r in record.schedules.items()},
+                "output": y.detach(), "grads": {"input": x.grad, **{n: p.grad for n, p in net.named_parameters()}},
+            }
+    return out

@@ -27,6 +27,7 @@ SPECS_2 = [
     Spec("stable_1e4", "bn2d", (3, 4), (4, 5, 5), offset=2e4, steps=1),
     Spec("bf16", "bn2d", (3, 4), (4, 6, 6), dtype="bfloat16", memory_format="channels_last"),
     Spec("fp16", "bn2d", (3, 4), (4, 6, 6), dtype="float16"),
+    Spec("branches", "branches", (3, 2), (3, 6, 6)),
     # Nothing to sync: what these check is decided before code generation (bnpass_eager: the same
     # pass and graphs, no C++ build).
     Spec("not_synced", "not_synced", (2, 3), (4, 5, 5), backend="bnpass_eager"),
@@ -78,11 +79,22 @@ def test_functional_batch_norm_calls(two_ranks):
 
 
 def test_batchnorm1d_2d_and_3d_inputs(two_ranks):
-    judge(two_ranks, "mlp1d")
-    assert_counts(two_ranks["mlp1d"], sites=2, synced=2, forward=2, backward=2)
+    judge(two_ranks, "mlp1d")  # its two BNs are independent: one packed collective per direction
+    assert_counts(two_ranks["mlp1d"], sites=2, synced=2, forward=1, backward=1, unpacked=(2, 2))
     judge(two_ranks, "net3d_channels_last_3d")
     assert_counts(two_ranks["net3d_channels_last_3d"], sites=1, synced=1, forward=1, backward=1)
     assert two_ranks["net3d_channels_last_3d"][0]["records"][0]["sites"][0]["layout"] == "channels_last_3d"
+
+
+def test_independent_branches_share_collectives(two_ranks):
+    """RepVGG's three branches and a ResNet block's shortcut (tests/models.py Branches): 6 BNs,
+    one collective per level and direction, 3 + 3 instead of 6 + 6, the same bytes; numbers as
+    float64 on the global batch."""
+    judge(two_ranks, "branches")
+    assert_counts(two_ranks["branches"], sites=6, synced=6, forward=3, backward=3, unpacked=(6, 6))
+    for r in two_ranks["branches"]:  # 3 BNs of C=3, 3 of C=4: (2C+1) float64 fwd, 2C float32 bwd
+        assert r["records"][0]["collective_bytes"] == {"forward": (3 * 7 + 3 * 9) * 8,
+                                                       "backward": (3 * 6 + 3 * 8) * 4}
 
 
 def test_empty_rank(two_ranks):
@@ -159,6 +171,6 @@ def test_three_ranks_sync_batchnorm(three_ranks):
 def test_process_group_option(three_ranks):
     """options={"process_group": pg}: statistics over pg (here all ranks, one of them empty)."""
     judge(three_ranks, "group_option_3")
-    assert_counts(three_ranks["group_option_3"], sites=2, synced=2, forward=2, backward=2)
+    assert_counts(three_ranks["group_option_3"], sites=2, synced=2, forward=1, backward=1, unpacked=(2, 2))
     groups = {s["group"] for r in three_ranks["group_option_3"] for s in r["records"][0]["sites"]}
     assert len(groups) == 1 and groups != {"0"}, groups  # the new group's name, not the world's

@@ -44,13 +44,17 @@ def test_graph_columns_match_expected_csv(rows, expected):
 
 
 def test_every_batchnorm_module_is_a_synced_site(rows):
-    """Every BN module of every model syncs, once per direction; no graph break bnpass causes."""
+    """Every BN module of every model syncs, once per direction before packing (after it, never
+    more, and at least one where there is a BN); no graph break bnpass causes."""
     for name, row in rows.items():
         assert row["error"] == "", f"{name}: {row['error']}"
         n = row["bn_modules"]
-        want = {"sites": n, "synced": n, "local": 0, "skipped": 0, "fw_collectives": n, "bw_collectives": n}
+        want = {"sites": n, "synced": n, "local": 0, "skipped": 0, "fw_collectives_unpacked": n,
+                "bw_collectives_unpacked": n}
         got = {k: row[k] for k in want}
         assert got == want, f"{name}: {got} != {want}"
+        for direction in ("fw", "bw"):
+            assert min(n, 1) <= row[f"{direction}_collectives"] <= n, f"{name}: {row}"
         if row["graph_breaks"]:  # the model's own (torchvision detection): stock Dynamo breaks as often
             assert row["graph_breaks"] == row["stock_graph_breaks"], f"{name}: {row}"
         else:
@@ -68,7 +72,8 @@ def _assert_parity(results: dict, names: list, expected: dict, column: str) -> N
         result = results[name]
         assert result["verdict"] == "pass", f"{name}: {result['verdict']} {result['detail']}"
         n = int(expected[name]["bn_modules"])
-        assert_counts(result["per_rank"], sites=n, synced=n, forward=n, backward=n)
+        assert_counts(result["per_rank"], sites=n, synced=n, forward=int(expected[name]["fw_collectives"]),
+                      backward=int(expected[name]["bw_collectives"]), unpacked=(n, n))
         assert expected[name][column] == "pass", f"{table.EXPECTED} says {name}: {expected[name][column]}"
 
 

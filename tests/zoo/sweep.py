@@ -21,7 +21,7 @@ import sys
 import time
 
 GRAPH_COLUMNS = ["model", "source", "input", "bn_modules", "frozen_bn", "sites", "synced", "local",
-                 "skipped", "fw_collectives", "bw_collectives", "graph_breaks", "stock_graph_breaks",
+                 "skipped", "fw_collectives_unpacked", "bw_collectives_unpacked", "fw_collectives", "bw_collectives", "graph_breaks", "stock_graph_breaks",
                  "error"]
 WORKERS = 2
 MODEL_DEADLINE_S = float(os.environ.get("BNPASS_ZOO_MODEL_DEADLINE_S", 300))
@@ -74,7 +74,10 @@ def graph_row(zoo_model) -> dict:
         return row
     actions = [s["action"] for s in data["sites"]]
     row.update(sites=len(actions), synced=actions.count("sync"), local=actions.count("local"),
-               skipped=actions.count("skip"), fw_collectives=data["collectives"]["forward"],
+               skipped=actions.count("skip"),
+               fw_collectives_unpacked=data["collectives"]["unpacked"]["forward"],
+               bw_collectives_unpacked=data["collectives"]["unpacked"]["backward"],
+               fw_collectives=data["collectives"]["forward"],
                bw_collectives=data["collectives"]["backward"], graph_breaks=data["graph_breaks"])
     # Breaks are the model's own when stock Dynamo has as many: measured only where there are some.
     row["stock_graph_breaks"] = _stock_graph_breaks(zoo_model) if data["graph_breaks"] else "-"
