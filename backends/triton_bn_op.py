@@ -42,12 +42,12 @@ __all__ = ["resolve", "AUTO_RULES", "TritonSyncedBatchNormFunction", "OPS_REGIST
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 # kernels="auto": (layout, minimum elements per channel on this rank) -> kernels, first match wins.
-# NOT MEASURED. No GPU was available when this was written; the rule below is a guess from how the
-# kernels are built (a hand-written two-stage reduction pays off on long channels-last reductions,
-# while Inductor's code fuses the normalize with its neighbours, which an opaque kernel cannot) and
-# must be replaced by the per-shape winners that benchmarks/gpu_check.py prints ("auto table").
+# Measured once, on an H200 with torch 2.11 (benchmarks/gpu_results.md, "auto table", ResNet-50's BN
+# shapes at batch 64): bnpass's Triton kernels won only at 64x64x112x112 bf16 channels_last (802,816
+# elements per channel: 1.32 vs 1.45 ms fwd+bwd); Inductor's code won at 64x256x56x56 (200,704) and
+# below, and in fp32 NCHW. The threshold sits between the two.
 AUTO_RULES: tuple[tuple[str, int, str], ...] = (
-    ("channels_last", 1 << 16, "triton"),
+    ("channels_last", 1 << 19, "triton"),
     ("any", 0, "inductor"),
 )
 
@@ -83,7 +83,7 @@ def resolve(requested: str, example: Optional[Tensor], site_name: str) -> tuple[
     layout = _layout_name(example) if example.dim() > 2 else "nchw"
     for rule_layout, min_per_channel, choice in AUTO_RULES:
         if rule_layout in ("any", layout) and per_channel >= min_per_channel:
-            return choice, f"kernels: {choice} (auto, unmeasured rule: {layout}, {per_channel}/channel)"
+            return choice, f"kernels: {choice} (auto: {layout}, {per_channel}/channel)"
     return "inductor", "kernels: inductor (auto: no rule matched)"
 
 

@@ -131,6 +131,10 @@ def evaluate_targets(bn_rows: list[dict], copy_gbps: float, e2e: dict) -> list[l
             ratio = e2e[variant] / base
             out.append([f"end to end {variant} <= {TARGET_E2E}x inductor unsynced", f"{ratio:.3f}x",
                         _verdict(ratio <= TARGET_E2E)])
+    if e2e.get("inductor-cudagraphs") and e2e.get("bnpass-cudagraphs"):
+        ratio = e2e["bnpass-cudagraphs"] / e2e["inductor-cudagraphs"]
+        out.append([f"end to end, both in CUDA graphs: bnpass <= {TARGET_E2E}x inductor", f"{ratio:.3f}x",
+                    _verdict(ratio <= TARGET_E2E)])
     return out
 
 
@@ -210,12 +214,53 @@ def reference(device, x, dy) -> dict:
 
 # ---- GPU sections ---------------------------------------------------------------------------------
 
-def _compile_bnpass(model, group, kernels):
+def _compile_bnpass(model, group, kernels, **options):
     import bnpass
 
     bnpass.register()
     return torch.compile(model, backend="bnpass", dynamic=False,
-                         options={"force_sync": True, "process_group": group, "kernels": kernels})
+                         options={"force_sync": True, "process_group": group, "kernels": kernels, **options})
+
+
+E2E_VARIANTS = ("eager-syncbn", "inductor", "bnpass", "bnpass-triton", "bnpass-unscheduled",
+                "inductor-cudagraphs", "bnpass-cudagraphs")
+DEFAULT_E2E = ("eager-syncbn", "inductor", "bnpass", "bnpass-triton")
+
+
+def _e2e_model(variant, model, group):
+    """What section 3 runs for ``variant``: the model itself or a compiled one."""
+    if variant == "eager-syncbn":
+        ForcedSyncBatchNorm.group = group
+        for m in model.modules():
+            if type(m) is nn.BatchNorm2d:
+                m.__class__ = ForcedSyncBatchNorm
+        return model
+    if variant == "inductor":
+        return torch.compile(model, backend="inductor")
+    if variant == "inductor-cudagraphs":
+        return torch.compile(model, backend="inductor", mode="reduce-overhead")
+    if variant == "bnpass-unscheduled":  # no packing, no overlap (bnpass/schedule.py)
+        return _compile_bnpass(model, group, "inductor", pack_collectives=False, overlap=False)
+    if variant == "bnpass-cudagraphs":
+        return _compile_bnpass(model, group, "inductor", inductor_config={"triton.cudagraphs": True})
+    return _compile_bnpass(model, group, "triton" if variant == "bnpass-triton" else "inductor")
+
+
+def _profile(report, variant, step) -> None:
+    """The ops that cost most host and device time in 3 steps of ``variant``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            step()
+        torch.cuda.synchronize()
+    averages = prof.key_averages()
+    for key in ("self_cpu_time_total", "self_device_time_total", "self_cuda_time_total"):
+        try:
+            table = averages.table(sort_by=key, row_limit=15, max_name_column_width=60)
+        except Exception:  # noqa: BLE001 - the key's name differs across torch versions
+            continue
+        report.add(f"### profile of {variant}, 3 steps, by {key}\n```\n{table}\n```")
 
 
 def correctness_ws1(report, group):
@@ -464,7 +509,7 @@ def e2e_section(report, args, group, deadline) -> dict:
     labels = torch.randint(0, 1000, (batch,), generator=g, device=device)
     measure = timer(True)
     results, rows = {}, []
-    for variant in ("eager-syncbn", "inductor", "bnpass", "bnpass-triton"):
+    for variant in args.e2e_variants:
         if time.monotonic() > deadline - (10 if variant == "eager-syncbn" else 60):
             rows.append([variant, "skipped (time budget)", ""])
             continue
@@ -472,16 +517,7 @@ def e2e_section(report, args, group, deadline) -> dict:
         torch.manual_seed(0)
         model = torchvision.models.resnet50().to(device=device, dtype=torch.bfloat16,
                                                  memory_format=torch.channels_last)
-        if variant == "eager-syncbn":
-            ForcedSyncBatchNorm.group = group
-            for m in model.modules():
-                if type(m) is nn.BatchNorm2d:
-                    m.__class__ = ForcedSyncBatchNorm
-            fn = model
-        elif variant == "inductor":
-            fn = torch.compile(model, backend="inductor")
-        else:
-            fn = _compile_bnpass(model, group, "triton" if variant == "bnpass-triton" else "inductor")
+        fn = _e2e_model(variant, model, group)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def step():
@@ -497,6 +533,8 @@ def e2e_section(report, args, group, deadline) -> dict:
             first_s = time.monotonic() - start
             results[variant] = measure(step, args.e2e_steps)
             rows.append([variant, results[variant], f"{first_s:.1f}"])
+            if variant in args.profile and time.monotonic() < deadline - 30:
+                _profile(report, variant, step)
         except Exception as e:  # noqa: BLE001
             rows.append([variant, f"FAILED {type(e).__name__}: {str(e)[:200]}", ""])
     report.add(format_table(["variant", "ms per step (median)", "first step s (compile)"], rows))
@@ -516,9 +554,17 @@ def parse_args(argv=None):
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--e2e-batch", type=int, default=64)
     p.add_argument("--e2e-steps", type=int, default=10)
+    p.add_argument("--e2e-variants", default=",".join(DEFAULT_E2E),
+                   help=f"comma-separated, from {', '.join(E2E_VARIANTS)}")
+    p.add_argument("--profile", default="", help="comma-separated e2e variants to profile (3 steps)")
     args = p.parse_args(argv)
     args.sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     args.providers = [s.strip() for s in args.providers.split(",") if s.strip()]
+    args.e2e_variants = [s.strip() for s in args.e2e_variants.split(",") if s.strip()]
+    args.profile = {s.strip() for s in args.profile.split(",") if s.strip()}
+    bad_e2e = sorted((set(args.e2e_variants) | args.profile) - set(E2E_VARIANTS))
+    if bad_e2e:
+        p.error(f"unknown e2e variants {bad_e2e}; valid: {', '.join(E2E_VARIANTS)}")
     bad = sorted(set(args.providers) - set(PROVIDERS))
     if bad:
         p.error(f"unknown providers {bad}; valid: {', '.join(PROVIDERS)}")

@@ -104,7 +104,7 @@ def single_rank_checks(rank: int, world_size: int, specs: list) -> dict:
     return out
 
 
-def generated_code(rank: int, world_size: int) -> dict:
+def generated_code(rank: int, world_size: int, options: dict | None = None) -> dict:
     """One process, a fake 2-rank group: Inductor's code for a conv-BN-add-ReLU training step."""
     import torch.distributed as dist
     from torch._inductor.utils import run_and_get_code
@@ -114,7 +114,7 @@ def generated_code(rank: int, world_size: int) -> dict:
 
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     bnpass.clear_records()
-    compiled = torch.compile(ResidualBlock(), backend="bnpass")
+    compiled = torch.compile(ResidualBlock(), backend="bnpass", options=options)
     x = torch.randn(4, 4, 6, 6, requires_grad=True)
 
     def step():

@@ -13,7 +13,7 @@ import torch
 from bnpass import BNPassError, Options
 from tests.harness import run_ranks
 
-SHAPE = (3, 3, 6, 6)
+SHAPE = (3, 8, 6, 6)
 VARIANTS = {
     "default": {},
     "again": {},

@@ -72,18 +72,26 @@ def test_backend_name_works_in_a_fresh_process_without_import():
     assert record["collectives"] == {"forward": 0, "backward": 0}
 
 
+def _fused_kernels(code: str) -> set[str]:
+    return set(re.findall(r"cpp_fused_\w+", code))
+
+
 def test_inductor_fuses_bn_with_its_neighbours():
     """Forward: normalize + residual add + ReLU in one kernel after the statistics kernel.
-    Backward: ReLU's backward fused into the [sum dy, sum dy*(x-mean)] reduction."""
-    (code,) = run_ranks("tests.rank_jobs:generated_code", 0)
-    forward = set(re.findall(r"cpp_fused_\w+", code["forward"]))
-    backward = set(re.findall(r"cpp_fused_\w+", code["backward"]))
-    assert any("var_mean" in k for k in forward), forward
-    assert any("rsqrt" in k and "relu" in k and "add" in k for k in forward), forward
-    assert any("threshold_backward" in k and "sum" in k for k in backward), backward
-    assert len(forward) <= 3 and len(backward) <= 3, (forward, backward)
-    assert "all_reduce" in code["forward"] and "all_reduce" in code["backward"]
-    assert_counts([{**code, "graph_breaks": 0}], sites=1, synced=1, forward=1, backward=1)
+    Backward: ReLU's backward fused into the [sum dy, sum dy*(x-mean)] reduction. Checked without
+    bnpass's overlap (the fusion is Inductor's); with it (the default), the same fused kernels, and
+    at most one more per direction: the per-channel work (weight and bias gradients,
+    ``num_batches_tracked += 1``) that runs while the collective is in flight (bnpass/schedule.py)."""
+    plain, = run_ranks("tests.rank_jobs:generated_code", 0, {"overlap": False})
+    default, = run_ranks("tests.rank_jobs:generated_code", 0)
+    for code, extra in ((plain, 0), (default, 1)):
+        forward, backward = _fused_kernels(code["forward"]), _fused_kernels(code["backward"])
+        assert any("var_mean" in k for k in forward), forward
+        assert any("rsqrt" in k and "relu" in k and "add" in k for k in forward), forward
+        assert any("threshold_backward" in k and "sum" in k for k in backward), backward
+        assert len(forward) <= 3 + extra and len(backward) <= 3 + extra, (forward, backward)
+        assert "all_reduce" in code["forward"] and "all_reduce" in code["backward"]
+        assert_counts([{**code, "graph_breaks": 0}], sites=1, synced=1, forward=1, backward=1)
 
 
 def _compile_and_run(model, x, **kw):

@@ -27,7 +27,7 @@ SPECS_2 = [
     Spec("stable_1e4", "bn2d", (3, 4), (4, 5, 5), offset=2e4, steps=1),
     Spec("bf16", "bn2d", (3, 4), (4, 6, 6), dtype="bfloat16", memory_format="channels_last"),
     Spec("fp16", "bn2d", (3, 4), (4, 6, 6), dtype="float16"),
-    Spec("branches", "branches", (3, 2), (3, 6, 6)),
+    Spec("branches", "branches", (3, 2), (8, 6, 6)),
     # Nothing to sync: what these check is decided before code generation (bnpass_eager: the same
     # pass and graphs, no C++ build).
     Spec("not_synced", "not_synced", (2, 3), (4, 5, 5), backend="bnpass_eager"),
@@ -92,9 +92,9 @@ def test_independent_branches_share_collectives(two_ranks):
     float64 on the global batch."""
     judge(two_ranks, "branches")
     assert_counts(two_ranks["branches"], sites=6, synced=6, forward=3, backward=3, unpacked=(6, 6))
-    for r in two_ranks["branches"]:  # 3 BNs of C=3, 3 of C=4: (2C+1) float64 fwd, 2C float32 bwd
-        assert r["records"][0]["collective_bytes"] == {"forward": (3 * 7 + 3 * 9) * 8,
-                                                       "backward": (3 * 6 + 3 * 8) * 4}
+    for r in two_ranks["branches"]:  # 3 BNs of C=8, 3 of C=4: (2C+1) float64 fwd, 2C float32 bwd
+        assert r["records"][0]["collective_bytes"] == {"forward": (3 * 17 + 3 * 9) * 8,
+                                                       "backward": (3 * 16 + 3 * 8) * 4}
 
 
 def test_empty_rank(two_ranks):
