@@ -21,7 +21,8 @@ def subgroup_checks(rank: int, world_size: int, cases: dict[str, tuple[Spec, ...
     """``train_in_groups``; then ``create_syncbn_process_group(k)`` for the first case's k: after
     the option made the group (reused?), on its own (forgetting that group: its ranks, an
     all_reduce over it, the group the option then resolves to), and after rank 0 alone made one
-    more process group (the error, None where there is none)."""
+    more process group (the error, None where there is none). In between, the group that
+    ``group_size=1`` with ``force_sync`` resolves to."""
     out = train_in_groups(rank, world_size, cases)
     k = len(next(iter(cases.values()))[0].sizes)
     count = dist.get_pg_count()
@@ -36,6 +37,10 @@ def subgroup_checks(rank: int, world_size: int, cases: dict[str, tuple[Spec, ...
                    "pg_count": (count, dist.get_pg_count()),
                    "again": bnpass.create_syncbn_process_group(k) is group,
                    "option": bnpass.Options.from_user({"group_size": k}).group().name == group.group_name}
+    forced = bnpass.Options.from_user({"group_size": 1, "force_sync": True}).group()
+    out["forced_one_rank"] = {"name": forced.name, "world_size": forced.world_size,
+                              "ranks": dist.get_process_group_ranks(
+                                  dist.distributed_c10d._resolve_process_group(forced.name))}
     groups._MADE.clear()
     if rank == 0:
         dist.new_group([0], use_local_synchronization=True)  # only rank 0: its count is one ahead

@@ -92,6 +92,13 @@ def test_create_syncbn_process_group(four_ranks):
         assert made["again"] and made["option"], (rank, made)
 
 
+def test_group_size_one_with_force_sync_syncs_over_a_one_rank_group(four_ranks):
+    for rank, result in enumerate(four_ranks):
+        forced = result["forced_one_rank"]
+        assert forced["name"] not in (None, "0") and forced["world_size"] == 1, (rank, forced)
+        assert forced["ranks"] == [rank], (rank, forced)
+
+
 def test_ranks_that_made_different_process_groups_are_told_so(four_ranks):
     """Rank 0 alone made one more process group: torch would name the new groups differently on
     rank 0 and the others. Every rank raises after the 3 s deadline, naming the rank(s) at odds."""
