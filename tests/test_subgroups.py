@@ -8,7 +8,6 @@ generation, and the synced op's numerics under Inductor are tests/test_sync.py's
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import re
 
@@ -18,6 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import bnpass
+from bnpass.inspect_run import fake_world  # this process as rank 0 of a simulated group
 from tests.checks import assert_counts, assert_matches_reference
 from tests.harness import RankFailure, run_ranks
 from tests.models import Spec
@@ -157,18 +157,6 @@ def test_group_size_without_torch_distributed():
             "bnpass: option group_size=2 was given but torch.distributed is not initialised; call "
             "torch.distributed.init_process_group() first")):
         _compile({"group_size": 2})
-
-
-@contextlib.contextmanager
-def fake_world(size: int):
-    """This process as rank 0 of a simulated group of ``size`` ranks (collectives do nothing)."""
-    from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=size)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def test_group_size_must_divide_the_world_size():
