@@ -32,7 +32,7 @@ PAIRS = (Spec("ranks_0_1", "convnet", (3, 2), (3, 5, 5), backend=EAGER, options=
          Spec("ranks_2_3", "convnet", (1, 5), (3, 5, 5), offset=1.0, backend=EAGER,
               options=(("group_size", 2),)))
 USER_PAIRS = tuple(dataclasses.replace(s, options=()) for s in PAIRS)  # + process_group, in the job
-WHOLE = Spec("all_4_ranks", "mlp1d", (3, 2, 2, 4), (3, 7), backend=EAGER,
+WHOLE = Spec("all_4_ranks", "convnet", (2, 3, 1, 4), (3, 5, 5), backend=EAGER,
              options=(("group_size", 4),))
 CASES = {"group_size": PAIRS, "process_group": USER_PAIRS, "group_size_4": (WHOLE,)}
 
@@ -72,7 +72,7 @@ def test_each_pair_of_ranks_syncs_within_itself(four_ranks, case):
 def test_group_size_equal_to_the_world_size_is_the_default_group(four_ranks):
     results = [r["group_size_4"] for r in four_ranks]
     assert_matches_reference(results, WHOLE, TOL)
-    assert_counts(results, sites=2, synced=2, forward=2, backward=2)
+    assert_counts(results, sites=4, synced=4, forward=4, backward=4)
     assert {(s["group"], s["world_size"], s["reason"]) for r in results for s in _sites(r)} == {
         ("0", 4, "training mode: statistics over 4 rank(s) of group 0")}
 
