@@ -1,7 +1,8 @@
 """bnpass: ``torch.compile(model, backend="bnpass")`` synchronizes every training-mode BatchNorm.
 
 Public API: the backend name ``"bnpass"`` and its options (see ``bnpass.options``),
-``compile_records()`` / ``clear_records()`` (what the pass did), and the ``bnpass`` CLI.
+``compile_records()`` / ``clear_records()`` (what the pass did), ``create_syncbn_process_group``
+(subgroups made up front, see ``bnpass.groups``), and the ``bnpass`` CLI.
 """
 
 from __future__ import annotations
@@ -11,12 +12,13 @@ from ._layout import map_backends_folder
 map_backends_folder()
 
 from .backend import bnpass_backend, bnpass_eager_backend  # noqa: E402
+from .groups import create_syncbn_process_group  # noqa: E402
 from .options import BNPassError, Options  # noqa: E402
 from .record import GraphRecord, clear_records, compile_records  # noqa: E402
 from .sites import Site  # noqa: E402
 
 __all__ = ["bnpass_backend", "bnpass_eager_backend", "BNPassError", "Options", "GraphRecord", "Site",
-           "compile_records", "clear_records", "register"]
+           "compile_records", "clear_records", "create_syncbn_process_group", "register"]
 __version__ = "0.1.0"
 
 

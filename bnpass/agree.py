@@ -14,13 +14,13 @@ This is a key-value exchange through the store (no collective), once per compile
 
 from __future__ import annotations
 
-import datetime
 import hashlib
 import json
 import time
 
 import torch.distributed as dist
 
+from .meet import post_and_wait
 from .options import BNPassError
 from .sites import SYNC, Site
 
@@ -67,17 +67,10 @@ def agree(sites: list[Site], default_group: str | None, timeout_s: float, contex
     if len(members) <= 1:
         return
     digest = hashlib.sha1(json.dumps(sig).encode()).hexdigest()[:16]
-    store = dist.distributed_c10d._get_default_store()
-    store.set(f"{_PREFIX}/latest/{rank}", json.dumps({"sig": sig, "context": context}))
-    store.set(f"{_PREFIX}/{digest}/{rank}", "1")
-    keys = [f"{_PREFIX}/{digest}/{m}" for m in members]
     start = time.monotonic()
-    try:
-        store.wait(keys, datetime.timedelta(seconds=timeout_s))
+    if post_and_wait(_PREFIX, digest, json.dumps({"sig": sig, "context": context}), members, timeout_s):
         return
-    except Exception:  # noqa: BLE001 - a store timeout; explained below
-        if store.check(keys):
-            return
+    store = dist.distributed_c10d._get_default_store()
     problems = []
     for m in members:
         if m == rank or store.check([f"{_PREFIX}/{digest}/{m}"]):

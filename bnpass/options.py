@@ -19,6 +19,8 @@ class BNPassError(RuntimeError):
 
 _DOC = {
     "process_group": "ProcessGroup to reduce statistics over (default: the default group)",
+    "group_size": "int k: statistics over consecutive groups of k ranks of the default group (ranks "
+                  "0..k-1, k..2k-1, ...); k must divide the world size, 1 means local statistics",
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
     "fold_eval": "bool (default True): fold an eval-mode BatchNorm into the Conv/Linear before it",
@@ -47,6 +49,7 @@ class GroupChoice:
 @dataclasses.dataclass(frozen=True)
 class Options:
     process_group: Any = None
+    group_size: Optional[int] = None
     force_sync: bool = False
     inductor_config: dict = dataclasses.field(default_factory=dict)
     agree_timeout_s: float = 300.0
@@ -83,6 +86,16 @@ class Options:
             raise BNPassError(f"option process_group must be a torch.distributed.ProcessGroup, got "
                               f"{type(opts.process_group).__name__}; create one with "
                               "torch.distributed.new_group(...)")
+        if opts.group_size is not None:
+            from .groups import check_group_size
+
+            check_group_size(opts.group_size)
+            if opts.process_group is not None:
+                raise BNPassError(
+                    "options process_group and group_size were both given: pass one. group_size=k "
+                    "splits the default group into consecutive groups of k ranks; to split another "
+                    "group, make its subgroups with torch.distributed.new_subgroups(k, group=...) "
+                    "and pass this rank's as process_group.")
         return opts
 
     def group(self) -> GroupChoice:
@@ -93,13 +106,29 @@ class Options:
                 raise BNPassError("options['process_group'] was given but torch.distributed is not "
                                   "initialised; call torch.distributed.init_process_group() first")
             return GroupChoice(self.process_group.group_name, dist.get_world_size(self.process_group), "")
+        if self.group_size is not None:
+            return self._subgroup(initialised)
         if not initialised:
             return GroupChoice(None, 1, "torch.distributed is not initialised: nothing to sync with")
         world = dist.group.WORLD
         return GroupChoice(world.group_name, dist.get_world_size(world), "")
 
+    def _subgroup(self, initialised: bool) -> GroupChoice:
+        """``group_size``: this rank's group of consecutive ranks, made or reused (bnpass.groups)."""
+        from .groups import group_of_size
+
+        if not initialised:
+            raise BNPassError(f"option group_size={self.group_size} was given but torch.distributed "
+                              "is not initialised; call torch.distributed.init_process_group() first "
+                              "(or leave group_size out for this rank's own statistics)")
+        if self.group_size == 1 and not self.force_sync:  # force_sync: one-rank groups, synced
+            return GroupChoice(None, 1, "group_size=1: this rank's own statistics, no collective")
+        group = group_of_size(self.group_size, dist.group.WORLD, self.agree_timeout_s)
+        return GroupChoice(group.group_name, dist.get_world_size(group), "")
+
     def fingerprint(self) -> str:
-        """What of these options changes generated code (the group's name is in the graph itself)."""
+        """What of these options changes generated code (the group's name is in the graph itself,
+        and so is group_size's: its group's name, or no collective for group_size=1)."""
         kernels = "" if self.kernels == "inductor" else f";kernels={self.kernels}"
         fold = "" if self.fold_eval else ";fold_eval=False"
         pack = "" if self.pack_collectives else ";pack_collectives=False"

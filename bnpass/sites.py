@@ -26,6 +26,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .capture import EVAL_BATCH_STATS
+from .groups import describe
 
 __all__ = ["Site", "BNCall", "find_sites", "fold_producer", "FOLDABLE", "SYNC", "LOCAL", "SKIP", "FOLD"]
 
@@ -193,7 +194,8 @@ def _decide(call: BNCall, group: Optional[str], world_size: int, force_sync: boo
         world_size = torch.distributed.get_world_size(
             torch.distributed.distributed_c10d._resolve_process_group(group))
     if group is not None and (world_size > 1 or force_sync):
-        return SYNC, f"training mode: statistics over {world_size} rank(s) of group {group}", group, world_size
+        return SYNC, f"training mode: statistics over {world_size} rank(s) of group {group}" \
+                     f"{describe(group)}", group, world_size
     if group is not None:
         why_local = "the process group has one rank (force_sync=False)"
     return LOCAL, f"training mode, {why_local}", None, 1

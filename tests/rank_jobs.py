@@ -14,8 +14,10 @@ def graph_breaks() -> int:
     return sum(torch._dynamo.utils.counters["graph_break"].values())
 
 
-def compile_and_train(spec: Spec, rank: int) -> dict:
-    """Train ``spec`` on this rank under torch.compile(backend=spec.backend); results and records."""
+def compile_and_train(spec: Spec, rank: int, group=None) -> dict:
+    """Train ``spec`` on this rank under torch.compile(backend=spec.backend); results and records.
+    ``group``: the process group whose ranks share the spec's global batch (``rank`` is this rank's
+    place in it) and sum gradients; default: the default group."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
@@ -33,7 +35,7 @@ def compile_and_train(spec: Spec, rank: int) -> dict:
         compiled = torch.compile(model, backend=spec.backend, options=options, **dict(spec.compile_kwargs))
         if spec.ddp == "inner":
             compiled = ddp = torch.nn.parallel.DistributedDataParallel(compiled)
-    out = train(spec, model, compiled, rank, ddp)
+    out = train(spec, model, compiled, rank, ddp, group=group)
     out["records"] = [r.to_json() for r in bnpass.compile_records()]
     out["graph_breaks"] = graph_breaks()
     out["graph_break_reasons"] = {k[:400]: v for k, v in torch._dynamo.utils.counters["graph_break"].items()}

@@ -10,8 +10,8 @@ import torch
 from tests.models import BN2d
 
 
-def _step(model, x, options):
-    compiled = torch.compile(model, backend="bnpass", options=options)
+def _step(model, x, options, backend="bnpass"):
+    compiled = torch.compile(model, backend=backend, options=options)
     compiled(x.requires_grad_()).square().sum().backward()
 
 
@@ -64,13 +64,15 @@ def group_without_cpu_backend(rank: int, world_size: int) -> str | None:
     return None
 
 
-def rank_fails_before_compiling(rank: int, world_size: int) -> dict:
-    """Rank 1 raises before it compiles anything; rank 0 compiles and must not wait for ever."""
+def rank_fails_before_compiling(rank: int, world_size: int, options: dict | None = None,
+                                backend: str = "bnpass") -> dict:
+    """Rank 1 raises before it compiles anything; the others compile (with ``options``) and must
+    not wait for ever."""
     if rank == 1:
         raise RuntimeError("rank 1 fails in user code")
     start = time.monotonic()
     try:
-        _step(BN2d(4), torch.randn(3, 4, 4, 4), {"agree_timeout_s": 5.0})
+        _step(BN2d(4), torch.randn(3, 4, 4, 4), {"agree_timeout_s": 5.0, **(options or {})}, backend)
         error = None
     except Exception as e:  # noqa: BLE001 - the test reads it
         error = str(e)

@@ -14,9 +14,11 @@ import torch.distributed as dist
 from tests.models import Spec, memory_format
 
 
-def train(spec: Spec, model, forward, rank: int | None = None, ddp=None, float64: bool = True) -> dict:
+def train(spec: Spec, model, forward, rank: int | None = None, ddp=None, float64: bool = True,
+          group=None) -> dict:
     """``rank`` None: one process on the global batch, in float64 unless ``float64`` is false.
-    Otherwise this rank's slice.
+    Otherwise this rank's slice (``rank``: its place in ``group``, whose ranks' batches make up the
+    spec's global batch and over which gradients are summed; default: the default group).
     ``ddp``: the DistributedDataParallel module that averages this rank's gradients."""
     reference = rank is None
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -47,9 +49,9 @@ def train(spec: Spec, model, forward, rank: int | None = None, ddp=None, float64
                 if p.grad is None:
                     continue
                 if ddp is not None:
-                    p.grad.mul_(dist.get_world_size())  # DDP averaged; the reference sums
+                    p.grad.mul_(dist.get_world_size(group))  # DDP averaged; the reference sums
                 else:
-                    dist.all_reduce(p.grad)
+                    dist.all_reduce(p.grad, group=group)
         out["grads"].append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
         opt.step()
         opt.zero_grad()

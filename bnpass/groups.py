@@ -1,0 +1,214 @@
+"""Subgroups: statistics over consecutive groups of k ranks (``options={"group_size": k}``).
+
+As apex's ``create_syncbn_process_group(group_size)``: the ranks of the default group are split
+into consecutive groups of ``k`` (ranks 0..k-1, k..2k-1, ...), and each BatchNorm reduces its
+statistics over the group its rank is in.
+
+Making a group must never hang. ``torch.distributed.new_group`` rendezvouses the new group's ranks
+through the store and, by default, waits for them as long as the group's timeout (30 minutes for
+gloo); a partner that failed before it got there (an exception in user code, a crash during
+tracing) used to leave the other rank waiting that long. So:
+
+* At compile time (the option), only the members of a subgroup make it
+  (``use_local_synchronization=True``): ranks of the other subgroups neither call nor wait for it,
+  so one failing group cannot stall the others.
+* Before ``new_group``, the ranks meet in the store with a deadline (``agree_timeout_s`` for the
+  option, ``timeout_s`` for ``create_syncbn_process_group``): a rank that does not come, or comes
+  having made a different number of process groups (torch would name the group differently on
+  it), is named in a ``BNPassError``. ``new_group``'s own rendezvous gets the same deadline; the
+  group's collectives then get the parent group's timeout back.
+* A group is made once per process for each (parent group, k) and kept: every later compile
+  (recompiles, other models, the option after the helper) reuses the same group object.
+
+``create_syncbn_process_group(k)``, called on every rank right after ``init_process_group``, makes
+the groups at a point every rank passes alike, as apex does (every rank makes every group); the
+option then reuses them. It is the way where the default group is bound to a device
+(``init_process_group(device_id=...)``): torch then makes subgroups by splitting the NCCL
+communicator, which every rank must join, so members alone cannot make one at compile time and the
+option refuses to try.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+from typing import Optional
+
+import torch.distributed as dist
+
+from .meet import post_and_wait
+from .options import BNPassError
+
+__all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe"]
+
+_PREFIX = "bnpass/subgroup"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Made:
+    parent: dist.ProcessGroup
+    group: dist.ProcessGroup
+    description: str  # "group_size=k: ranks [...]", for the sites' reasons
+
+    def alive(self) -> bool:
+        """Neither group destroyed (nor the default group re-initialised since)."""
+        made = dist.distributed_c10d._world.pg_map
+        return self.parent in made and self.group in made
+
+
+_MADE: dict[tuple[str, int], _Made] = {}  # (parent group name, k) -> this rank's subgroup
+
+
+def check_group_size(value: object, what: str = "option group_size") -> int:
+    """``value`` if it is a positive int, else a BNPassError saying what is wrong and what to pass."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise BNPassError(f"{what} must be a positive int (the number of consecutive ranks that "
+                          f"share statistics), got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise BNPassError(f"{what} must be a positive int (the number of consecutive ranks that "
+                          f"share statistics), got {value}; 1 means each rank's own statistics")
+    return value
+
+
+def _ranks_of(k: int, parent: dist.ProcessGroup, what: str) -> list[int]:
+    """The global ranks of this rank's group of ``k`` consecutive ranks of ``parent``."""
+    ranks = dist.get_process_group_ranks(parent)
+    if len(ranks) % k:
+        divisors = [d for d in range(1, len(ranks) + 1) if len(ranks) % d == 0]
+        raise BNPassError(f"{what}={k} does not divide the world size {len(ranks)} of process group "
+                          f"{parent.group_name}: its ranks are split into consecutive groups of "
+                          f"{k}. Use one of {divisors}.")
+    start = ranks.index(dist.get_rank()) // k * k
+    return ranks[start : start + k]
+
+
+def group_of_size(k: int, parent: dist.ProcessGroup, timeout_s: float) -> dist.ProcessGroup:
+    """``options={"group_size": k}``: this rank's group of ``k`` consecutive ranks of ``parent``
+    (``parent`` itself when ``k`` is its size), made by its members alone at the first compile that
+    asks for it, and reused after (see the module docstring)."""
+    what = "option group_size"
+    ranks = _ranks_of(check_group_size(k, what), parent, what)
+    if len(ranks) == dist.get_world_size(parent):
+        return parent
+    made = _reuse(parent, k)
+    if made is not None:
+        return made
+    device = dist.group.WORLD.bound_device_id
+    if device is not None:
+        raise BNPassError(
+            f"option group_size={k}: the default process group is bound to {device} "
+            f"(init_process_group(device_id=...)), so torch makes a subgroup by splitting its "
+            f"communicator, which every rank must join at the same point; bnpass cannot do that "
+            f"while compiling. Call bnpass.create_syncbn_process_group({k}) on every rank right "
+            f"after init_process_group: the option then uses the group it made.")
+    _meet(ranks, parent, timeout_s, f"the process group of ranks {ranks} (group_size={k})",
+          "agree_timeout_s")
+    return _make([ranks], ranks, parent, k, timeout_s, local=True)
+
+
+def create_syncbn_process_group(group_size: int, timeout_s: float = 300.0) -> dist.ProcessGroup:
+    """This rank's group of ``group_size`` consecutive ranks of the default group, as apex's
+    function of the same name: pass it as ``options={"process_group": ...}``, or use
+    ``options={"group_size": group_size}``, which then reuses it.
+
+    Call it on every rank at the same point, e.g. right after ``init_process_group`` (as
+    ``torch.distributed.new_subgroups``, which it resembles: every rank makes every group, so it
+    also works where torch makes subgroups by splitting a device-bound NCCL communicator). The
+    ranks wait for each other at most ``timeout_s`` seconds: a rank that does not come is a
+    BNPassError naming it. ``group_size`` equal to the world size returns the default group; 1
+    gives one-rank groups. A second call returns the same group.
+    """
+    what = "create_syncbn_process_group: group_size"
+    check_group_size(group_size, what)
+    if not (dist.is_available() and dist.is_initialized()):
+        raise BNPassError("create_syncbn_process_group needs torch.distributed initialised; call "
+                          "torch.distributed.init_process_group() first")
+    parent = dist.group.WORLD
+    ranks = _ranks_of(group_size, parent, what)
+    everyone = dist.get_process_group_ranks(parent)
+    if len(ranks) == len(everyone):
+        return parent
+    made = _reuse(parent, group_size)
+    if made is not None:
+        return made
+    _meet(everyone, parent, timeout_s, f"the groups of {group_size} consecutive ranks", "timeout_s")
+    chunks = [everyone[i : i + group_size] for i in range(0, len(everyone), group_size)]
+    return _make(chunks, ranks, parent, group_size, timeout_s, local=False)
+
+
+def _reuse(parent: dist.ProcessGroup, k: int) -> Optional[dist.ProcessGroup]:
+    made = _MADE.get((parent.group_name, k))
+    return made.group if made is not None and made.parent is parent and made.alive() else None
+
+
+def _make(chunks: list[list[int]], ranks: list[int], parent: dist.ProcessGroup, k: int,
+          timeout_s: float, local: bool) -> dist.ProcessGroup:
+    """``new_group`` for each of ``chunks`` (``local``: only this rank's, by its members alone),
+    with ``timeout_s`` for the rendezvous; this rank's group (``ranks``), kept for reuse."""
+    try:
+        groups = [dist.new_group(chunk, timeout=datetime.timedelta(seconds=timeout_s),
+                                 use_local_synchronization=local, group_desc=f"bnpass_group_size_{k}")
+                  for chunk in chunks]
+    except Exception as e:  # noqa: BLE001 - explained, with the fix
+        raise BNPassError(
+            f"bnpass: making the process group of ranks {ranks} (group_size={k}) failed within "
+            f"{timeout_s:g} s although all its ranks had come: {type(e).__name__}: {e}") from e
+    group = groups[chunks.index(ranks)]
+    parent_timeout = _timeout_of(parent)
+    if parent_timeout is not None:
+        dist.set_timeout(parent_timeout, group)  # its collectives: the parent's timeout, as before
+    _MADE[(parent.group_name, k)] = _Made(parent, group, f"group_size={k}: ranks {ranks}")
+    return group
+
+
+def _meet(ranks: list[int], parent: dist.ProcessGroup, timeout_s: float, what: str,
+          timeout_name: str) -> None:
+    """Wait until every rank of ``ranks`` has come here having made as many process groups as this
+    one (torch names a new group by that count), or raise naming the ones that did not.
+
+    Keys carry that count, so a group made again later (after a destroy) meets afresh."""
+    rank, count = dist.get_rank(), dist.get_pg_count()
+    prefix = f"{_PREFIX}/{parent.group_name}/{'_'.join(map(str, ranks))}"
+    if post_and_wait(prefix, str(count), str(count), ranks, timeout_s):
+        return
+    store = dist.distributed_c10d._get_default_store()
+    problems = []
+    for r in ranks:
+        if store.check([f"{prefix}/{count}/{r}"]):
+            continue
+        if store.check([f"{prefix}/latest/{r}"]):
+            problems.append(
+                f"rank {r} came having made {store.get(f'{prefix}/latest/{r}').decode()} process "
+                f"group(s) before, this rank ({rank}) {count}: torch would name the new group "
+                f"differently on each. Make the same process groups on every rank before this one, "
+                f"e.g. call bnpass.create_syncbn_process_group right after init_process_group")
+        else:
+            problems.append(
+                f"rank {r} did not come within {timeout_name}={timeout_s:g} s (dead, failed before "
+                f"compiling, slower by more than that, or not running this code). Fix that rank, or "
+                f"raise {timeout_name} if it is only slow")
+    raise BNPassError(f"bnpass: could not make {what} to share BatchNorm statistics; nothing was "
+                      f"reduced. " + "; ".join(problems) + ".")
+
+
+def _timeout_of(group: dist.ProcessGroup) -> Optional[datetime.timedelta]:
+    """The collective timeout ``group`` was made with (``init_process_group(timeout=...)``)."""
+    try:
+        return max(group._get_backend(d).options._timeout for d in group._device_types)
+    except Exception:  # noqa: BLE001 - a backend without these internals: keep new_group's
+        return None
+
+
+def describe(group_name: Optional[str]) -> str:
+    """What a site's reason says about its group beyond its name and size: `` (group_size=2: ranks
+    [2, 3])`` for a subgroup made here, `` (ranks [0, 1])`` for another group smaller than the
+    world, "" for the world."""
+    if group_name is None or not (dist.is_available() and dist.is_initialized()):
+        return ""
+    for made in _MADE.values():
+        if made.group.group_name == group_name and made.alive():
+            return f" ({made.description})"
+    group = dist.distributed_c10d._resolve_process_group(group_name)
+    ranks = dist.get_process_group_ranks(group)
+    return f" (ranks {ranks})" if len(ranks) < dist.get_world_size() else ""
+
