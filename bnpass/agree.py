@@ -55,8 +55,11 @@ def _members(groups: set[str], default_group: str | None) -> list[int]:
     return sorted(ranks)
 
 
-def agree(sites: list[Site], default_group: str | None, timeout_s: float, context: str) -> None:
-    """Block until every rank this graph reduces with has posted the same signature, or raise."""
+def agree(sites: list[Site], default_group: str | None, timeout_s: float, context: str,
+          schedule: str = "") -> None:
+    """Block until every rank this graph reduces with has posted the same signature, or raise.
+    ``schedule``: the options that decide how the collectives are packed (bnpass/schedule.py);
+    ranks that pack differently would issue all_reduces of different sizes."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_backend() == "fake" or dist.get_world_size() == 1:
@@ -66,9 +69,10 @@ def agree(sites: list[Site], default_group: str | None, timeout_s: float, contex
     rank = dist.get_rank()
     if len(members) <= 1:
         return
-    digest = hashlib.sha1(json.dumps(sig).encode()).hexdigest()[:16]
+    digest = hashlib.sha1(json.dumps([sig, schedule]).encode()).hexdigest()[:16]
     start = time.monotonic()
-    if post_and_wait(_PREFIX, digest, json.dumps({"sig": sig, "context": context}), members, timeout_s):
+    if post_and_wait(_PREFIX, digest, json.dumps({"sig": sig, "context": context, "schedule": schedule}),
+                     members, timeout_s):
         return
     store = dist.distributed_c10d._get_default_store()
     problems = []
@@ -80,10 +84,14 @@ def agree(sites: list[Site], default_group: str | None, timeout_s: float, contex
                             "(dead, slower by more than that, or not running this code)")
             continue
         theirs = json.loads(store.get(f"{_PREFIX}/latest/{m}"))
+        if theirs["sig"] == sig and theirs.get("schedule") != schedule:
+            problems.append(f"rank {m} schedules its collectives otherwise: here {schedule}, there "
+                            f"{theirs.get('schedule')} (pass the same options on every rank)")
+            continue
         problems.append(f"rank {m} compiled different BatchNorm sites: "
                         f"{_first_difference(sig, theirs['sig'])}; its graph: {theirs['context']}")
     raise BNPassError(
         f"bnpass: ranks disagree on the synchronized BatchNorms of a compiled graph (waited "
         f"{time.monotonic() - start:.0f} s). This rank ({rank}) has {len(sig)} synced site(s) "
         f"{_describe(sig)}; " + "; ".join(problems) + ". Every rank must run the same model in the "
-        "same mode (train/eval) with the same input dtype and channels.")
+        "same mode (train/eval) with the same input dtype and channels, and the same bnpass options.")

@@ -54,7 +54,8 @@ def _compile(gm, example_inputs, options, mode, lower):
     record.site_nodes, record.snapshots = after_rewrite(gm, sites, before)
     compiled = lower(gm, example_inputs, opts, record)
     keep(record)
-    return _AgreeFirst(compiled, record, group.name, opts.agree_timeout_s)
+    return _AgreeFirst(compiled, record, group.name, opts.agree_timeout_s,
+                       f"pack_collectives={opts.pack_collectives}")
 
 
 setattr(bnpass_backend, capture.BACKEND_MARK, True)
@@ -83,8 +84,9 @@ def _check_group_devices(sites) -> None:
 class _AgreeFirst:
     """The compiled graph; its first call waits until the other ranks compiled the same sites."""
 
-    def __init__(self, compiled, record, group_name, timeout_s):
+    def __init__(self, compiled, record, group_name, timeout_s, schedule):
         self._compiled = compiled
+        self._schedule = schedule
         self._record = record
         self._group_name = group_name
         self._timeout_s = timeout_s
@@ -94,7 +96,7 @@ class _AgreeFirst:
         if not self._agreed:
             context = "; ".join(f"{s.name}: {s.action} ({s.reason})" for s in self._record.sites) \
                 or "no BatchNorm"
-            agree(self._record.sites, self._group_name, self._timeout_s, context)
+            agree(self._record.sites, self._group_name, self._timeout_s, context, self._schedule)
             self._agreed = True
         return self._compiled(*args)
 

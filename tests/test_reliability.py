@@ -96,7 +96,7 @@ def test_gradient_accumulation(runs, name):
     _totals(runs[name], graphs=None, breaks_outside_bn=DDP_FORWARD)
 
 
-DIVERGENT = {"channels": "C=4", "eval": "eval mode", "dtype": "bfloat16"}
+DIVERGENT = {"channels": "C=4", "eval": "eval mode", "dtype": "bfloat16", "packing": "pack_collectives=False"}
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +108,8 @@ def divergent():
 
 @pytest.mark.parametrize("case", list(DIVERGENT))
 def test_divergent_ranks_raise_a_bnpass_error_on_every_rank(divergent, case):
-    """Different channels, one rank in eval mode, another input dtype: each rank raises
+    """Different channels, one rank in eval mode, another input dtype, another packing option
+    (all_reduces of different sizes): each rank raises
     "bnpass: ranks disagree ..." naming what differs, before any statistic is reduced."""
     results = divergent[case]
     for rank, r in enumerate(results):
