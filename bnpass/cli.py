@@ -42,6 +42,12 @@ JSON schema ``bnpass-inspect/1`` (``--format json``)::
         "bytes": {"forward": int, "backward": int},
         "unpacked": {"forward": int, "backward": int}   # before packing: one per synced site
       },
+      "schedule": [{               # per compiled graph: what bnpass/schedule.py did
+        "graph": int,
+        "forward" | "backward": {"collectives_before": int, "collectives_after": int,
+                                 "packed": [int],   # sizes of the packs of >= 2 collectives
+                                 "split_conv_backwards": int, "reordered": bool}
+      }],
       "graph_breaks": int,
       "site": {"index": int, "before": [str], "after": [str]},               # with --site only
       "kernels": [{"graph": int, "direction": "forward" | "backward", "source": str}]  # --kernels

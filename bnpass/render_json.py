@@ -36,6 +36,7 @@ def to_schema(data: dict, site: Optional[int] = None, kernels: bool = False) -> 
         "backward": data["backward"], "graphs": len(data["graphs"]),
         "sites": sites, "totals": totals,
         "collectives": data["collectives"], "graph_breaks": data["graph_breaks"],
+        "schedule": [{"graph": g["index"], **g.get("schedule", {})} for g in data["graphs"]],
     }
     if site is not None:
         s = data["sites"][site]

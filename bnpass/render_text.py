@@ -41,7 +41,24 @@ def _totals(data: dict) -> list[str]:
         f"bytes they reduce per step per rank: {c['bytes_per_step']:,} "
         f"(forward {c['bytes']['forward']:,}, backward {c['bytes']['backward']:,})",
         f"graph breaks: {data['graph_breaks']}",
-    ]
+    ] + _schedule_lines(data)
+
+
+def _schedule_lines(data: dict) -> list[str]:
+    """What bnpass/schedule.py did, per compiled graph and direction (where it did anything)."""
+    lines = []
+    for graph in data["graphs"]:
+        for direction, report in graph.get("schedule", {}).items():
+            done = [f"packed {'+'.join(map(str, report['packed']))}"] if report["packed"] else []
+            if report["split_conv_backwards"]:
+                done.append(f"{report['split_conv_backwards']} convolution backward(s) split")
+            if report["reordered"]:
+                done.append("reordered for overlap")
+            if done:
+                lines.append(f"schedule, graph {graph['index']} {direction}: "
+                             f"{report['collectives_before']} -> {report['collectives_after']} "
+                             f"collectives ({', '.join(done)})")
+    return lines
 
 
 def _packed(after: int, before) -> str:

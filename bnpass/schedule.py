@@ -111,7 +111,7 @@ def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
         if len(members) < 2:
             continue
         payloads = [ar.args[0] for ar, _ in members]
-        last = max((ar for ar, _ in members), key=lambda n: _position(graph)[n])
+        last = members[-1][0]  # reductions come in graph order: every payload is defined before it
         with graph.inserting_before(last):
             cat = graph.call_function(aten.cat.default, (payloads,))
             ar = graph.call_function(_ALL_REDUCE, (cat, op, group_name))
@@ -120,8 +120,8 @@ def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
             cat.meta["val"] = aten.cat.default([_val(p) for p in payloads])
             ar.meta["val"] = torch.empty_like(cat.meta["val"])
             wait.meta["val"] = torch.empty_like(cat.meta["val"])
-        for new, (old_ar, _) in ((cat, members[-1]), (ar, members[-1]), (wait, members[-1])):
-            new.meta.setdefault("stack_trace", old_ar.meta.get("stack_trace"))
+        for new in (cat, ar, wait):
+            new.meta.setdefault("stack_trace", last.meta.get("stack_trace"))
         offset = 0
         for old_ar, old_wait in members:
             size = _val(old_ar.args[0]).shape[0]
@@ -134,10 +134,6 @@ def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
             graph.erase_node(old_ar)
             offset += size
         report.packed.append(len(members))
-
-
-def _position(graph: fx.Graph) -> dict[fx.Node, int]:
-    return {node: i for i, node in enumerate(graph.nodes)}
 
 
 def _split_conv_backwards(gm: fx.GraphModule, report: ScheduleReport) -> None:

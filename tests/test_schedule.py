@@ -89,3 +89,24 @@ def test_schedule_options(key):
     with pytest.raises(BNPassError, match=f"option {key} must be a bool"):
         Options.from_user({key: "yes"})
     assert Options.from_user({key: False}).fingerprint() != Options.from_user({}).fingerprint()
+
+
+def test_inspect_reports_the_schedule():
+    """``bnpass inspect`` shows what the schedule did: counts before and after, packs, splits."""
+    import json
+    import subprocess
+    import sys
+
+    argv = [sys.executable, "-m", "bnpass", "inspect", "tests.models:Branches", "--input-shape",
+            ",".join(map(str, SHAPE)), "--backend", "bnpass_eager"]
+    data = json.loads(subprocess.run(argv + ["--format", "json"], capture_output=True, text=True,
+                                     check=True, timeout=600).stdout)
+    # the CLI's input needs no gradient: the identity BN on it has no backward collective
+    assert data["collectives"]["unpacked"] == {"forward": 6, "backward": 5}
+    assert (data["collectives"]["forward"], data["collectives"]["backward"]) == (3, 3)
+    (graph,) = data["schedule"]
+    assert sorted(graph["forward"]["packed"]) == [2, 3] and sorted(graph["backward"]["packed"]) == [2, 2]
+    assert graph["backward"]["split_conv_backwards"] > 0 and graph["backward"]["reordered"]
+    text = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
+    assert "forward 3 (6 before packing), backward 3 (5 before packing)" in text
+    assert "schedule, graph 0 forward: 6 -> 3 collectives (packed 3+2" in text
