@@ -14,7 +14,7 @@ import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
 
-from .inductor import record_graph
+from .inductor import schedule_and_record
 
 __all__ = ["lower"]
 
@@ -24,7 +24,7 @@ def lower(gm, example_inputs, options, record):
 
     def compiler(direction):
         def compile_graph(graph_module, _example_inputs):
-            record_graph(record, graph_module, direction, options)
+            schedule_and_record(record, graph_module, direction, options)
             return make_boxed_func(graph_module.forward)
         return compile_graph
 

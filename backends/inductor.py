@@ -26,7 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 from bnpass.inspect_capture import digest, kernel_info
 from bnpass.schedule import schedule_collectives
 
-__all__ = ["lower", "count_all_reduces", "record_graph"]
+__all__ = ["lower", "count_all_reduces", "schedule_and_record"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
 # Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs).
@@ -77,7 +77,7 @@ def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
     return count, nbytes
 
 
-def record_graph(record, gm: torch.fx.GraphModule, direction: str, options) -> None:
+def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, options) -> None:
     """Schedule the collectives of one AOTAutograd graph (``direction`` "forward" or "backward"),
     in place (bnpass/schedule.py), then count its collectives and host syncs into the compile's
     record, and keep its digest for ``bnpass inspect``."""
@@ -94,7 +94,7 @@ def record_graph(record, gm: torch.fx.GraphModule, direction: str, options) -> N
 
 def _counting_inner_compile(record, options, gm, example_inputs, **kwargs):
     direction = "backward" if kwargs.get("is_backward") else "forward"
-    record_graph(record, gm, direction, options)
+    schedule_and_record(record, gm, direction, options)
     with _provenance_scope():
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
     record.kernels[direction] = kernel_info(compiled)

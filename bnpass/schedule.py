@@ -94,7 +94,7 @@ def _levels(graph: fx.Graph, reductions: list[tuple[fx.Node, fx.Node]]) -> dict[
     return {ar: depth[ar] for ar, _ in reductions}
 
 
-def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
+def _pack(gm: fx.GraphModule, report: ScheduleReport, fake_mode) -> None:
     graph = gm.graph
     reductions = _reductions(graph)
     if len(reductions) < 2:
@@ -106,7 +106,6 @@ def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
         if payload.dim() != 1 or not isinstance(payload.shape[0], int):
             continue  # only flat payloads of a static size are packed
         groups[(levels[ar], ar.args[1], ar.args[2], payload.dtype, payload.device)].append((ar, wait))
-    fake_mode = _fake_mode(gm)
     for (_, op, group_name, _, _), members in groups.items():
         if len(members) < 2:
             continue
@@ -136,11 +135,10 @@ def _pack(gm: fx.GraphModule, report: ScheduleReport) -> None:
         report.packed.append(len(members))
 
 
-def _split_conv_backwards(gm: fx.GraphModule, report: ScheduleReport) -> None:
+def _split_conv_backwards(gm: fx.GraphModule, report: ScheduleReport, fake_mode) -> None:
     """convolution_backward(..., [True, True, b]) -> one call for the input's gradient, one for the
     weight's (and the bias's)."""
     graph = gm.graph
-    fake_mode = _fake_mode(gm)
     for node in list(graph.nodes):
         if node.op != "call_function" or node.target is not aten.convolution_backward.default:
             continue
@@ -178,14 +176,15 @@ def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
 
 
 def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:
-    """Topological order of ``nodes`` under ``deps``, taking the ready node of the smallest key."""
+    """Topological order of ``nodes`` under ``deps``, taking the ready node of the smallest
+    ``key(node)``, ties by position in ``nodes``."""
     users = defaultdict(list)
     for node, inputs in deps.items():
         for inp in inputs:
             users[inp].append(node)
     index = {n: i for i, n in enumerate(nodes)}
     pending = {n: len(d) for n, d in deps.items()}
-    ready = [key(n) + (index[n],) for n in nodes if pending[n] == 0]
+    ready = [(key(n), index[n]) for n in nodes if pending[n] == 0]
     heapq.heapify(ready)
     order = []
     while ready:
@@ -194,7 +193,7 @@ def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:
         for user in users[node]:
             pending[user] -= 1
             if pending[user] == 0:
-                heapq.heappush(ready, key(user) + (index[user],))
+                heapq.heappush(ready, (key(user), index[user]))
     assert len(order) == len(nodes), "bnpass: the schedule found a cycle in the graph"
     return order
 
@@ -203,14 +202,11 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
     """A stable topological re-sort (packing leaves the graph out of order). With ``overlap``,
     ready nodes are taken collectives first and waits last; either way the collectives keep the
     order a plain stable sort gives them, the same on every rank."""
-    graph = gm.graph
-    nodes = list(graph.nodes)
-    position = {n: i for i, n in enumerate(nodes)}
+    nodes = list(gm.graph.nodes)
     deps = {n: set(n.all_input_nodes) for n in nodes}
-
     feeds = _ancestors([n for n in nodes if _collective(n)])
 
-    def kind(node: fx.Node) -> int:
+    def kind(node: fx.Node, overlap: bool) -> int:
         if node.op == "placeholder":
             return 0
         if node.op == "output":
@@ -223,12 +219,11 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
             return 4
         return 2 if node in feeds else 3
 
-    plain = _kahn(nodes, deps, lambda n: (0 if n.op == "placeholder" else 5 if n.op == "output" else 3,
-                                          position[n]))
+    plain = _kahn(nodes, deps, lambda n: kind(n, False))
     collectives = [n for n in plain if _collective(n)]
     for before, after in zip(collectives, collectives[1:]):
         deps[after].add(before)
-    order = _kahn(nodes, deps, lambda n: (kind(n), position[n])) if overlap else plain
+    order = _kahn(nodes, deps, lambda n: kind(n, True)) if overlap else plain
     if order == nodes:
         return
     output = nodes[-1]
@@ -240,12 +235,15 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
 def schedule_collectives(gm: fx.GraphModule, pack: bool = True, overlap: bool = True) -> ScheduleReport:
     """Pack, split and reorder ``gm`` in place (see the module doc); returns what was done."""
     report = ScheduleReport()
-    report.collectives_before = len(_reductions(gm.graph))
-    if report.collectives_before and pack:
-        _pack(gm, report)
-    if report.collectives_before and overlap:
-        _split_conv_backwards(gm, report)
-    if report.packed or (report.collectives_before and overlap):
+    report.collectives_before = report.collectives_after = len(_reductions(gm.graph))
+    if not report.collectives_before or not (pack or overlap):
+        return report  # nothing to schedule: the graph is left as it is
+    fake_mode = _fake_mode(gm)
+    if pack:
+        _pack(gm, report, fake_mode)
+    if overlap:
+        _split_conv_backwards(gm, report, fake_mode)
+    if report.packed or overlap:
         _reorder(gm, report, overlap)
     report.collectives_after = len(_reductions(gm.graph))
     gm.graph.lint()
