@@ -13,8 +13,11 @@ from __future__ import annotations
 import torch
 from torch._dynamo.backends.common import aot_autograd
 from torch._functorch.aot_autograd import make_boxed_func
+from torch._functorch.partitioners import min_cut_rematerialization_partition
 
-from .inductor import schedule_and_record
+from bnpass.schedule import save_site_collectives
+
+from .inductor import agreeing, schedule_and_record
 
 __all__ = ["lower"]
 
@@ -25,9 +28,13 @@ def lower(gm, example_inputs, options, record):
     def compiler(direction):
         def compile_graph(graph_module, _example_inputs):
             schedule_and_record(record, graph_module, direction, options)
-            return make_boxed_func(graph_module.forward)
+            return agreeing(make_boxed_func(graph_module.forward), record, direction, options)
         return compile_graph
 
+    def partition(joint, *args, **kwargs):  # as Inductor's, after its joint pre-pass does this
+        save_site_collectives(joint.graph)
+        return min_cut_rematerialization_partition(joint, *args, **kwargs)
+
     with torch._functorch.config.patch(enable_autograd_cache=False):
-        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"))(
-            gm, example_inputs)
+        return aot_autograd(fw_compiler=compiler("forward"), bw_compiler=compiler("backward"),
+                            partition_fn=partition)(gm, example_inputs)

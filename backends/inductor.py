@@ -24,14 +24,16 @@ from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bnpass.inspect_capture import digest, kernel_info
-from bnpass.schedule import schedule_collectives
+from bnpass.agree import AgreeFirst
+from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
 
-__all__ = ["lower", "count_all_reduces", "schedule_and_record"]
+__all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
-# Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs).
+# Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs). Not
+# ``_assert_async``: asynchronous on CUDA (a device-side check), immediate on the CPU (no device).
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
-              torch.ops.aten.nonzero.default, torch.ops.aten._assert_async.msg}
+              torch.ops.aten.nonzero.default}
 
 
 @functools.lru_cache(maxsize=1)
@@ -65,6 +67,26 @@ class CacheKeyPass(CustomGraphPass):
         return self._uuid
 
 
+class SaveCollectivesPass(CustomGraphPass):
+    """Inductor's joint-graph pre-pass: ``schedule.save_site_collectives``, then the user's own
+    ``joint_custom_pre_pass`` (one pass, or a list of them), if any."""
+
+    def __init__(self, user_pass=None):
+        self._user = [] if user_pass is None else list(user_pass) if isinstance(user_pass, (list, tuple)) \
+            else [user_pass]
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        save_site_collectives(graph)
+        for user_pass in self._user:
+            user_pass(graph)
+
+    def uuid(self):
+        users = [p.uuid() if hasattr(p, "uuid") else None for p in self._user]
+        if None in users:
+            return None  # a pass without a uuid: Inductor bypasses its cache, as it would anyway
+        return hashlib.sha256(f"bnpass-save:{source_hash()}:{users}".encode()).hexdigest()
+
+
 def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
     """(number of all_reduce nodes, bytes they reduce) in an AOTAutograd graph."""
     count = nbytes = 0
@@ -80,10 +102,13 @@ def count_all_reduces(gm: torch.fx.GraphModule) -> tuple[int, int]:
 def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, options) -> None:
     """Schedule the collectives of one AOTAutograd graph (``direction`` "forward" or "backward"),
     in place (bnpass/schedule.py), then count its collectives and host syncs into the compile's
-    record, and keep its digest for ``bnpass inspect``."""
-    report = schedule_collectives(gm, pack=options.pack_collectives, overlap=options.overlap)
+    record, with the sequence the ranks agree on, and keep its digest for ``bnpass inspect``."""
+    levels = {site.index: site.levels for site in record.sites}
+    report = schedule_collectives(gm, direction, levels, pack=options.pack_collectives,
+                                  overlap=options.overlap)
     record.collectives_unpacked[direction] += report.collectives_before
     record.schedules[direction] = report
+    record.sequence[direction] = collective_sequence(gm)
     count, nbytes = count_all_reduces(gm)
     record.collectives[direction] += count
     record.collective_bytes[direction] += nbytes
@@ -92,13 +117,18 @@ def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, option
     record.graphs[direction] = digest(gm, record.site_nodes, direction)
 
 
+def agreeing(compiled, record, direction: str, options):
+    """``compiled``, which first agrees with the other ranks on the collectives it issues."""
+    return AgreeFirst(compiled, record.sequence.get(direction, []), record, direction, options)
+
+
 def _counting_inner_compile(record, options, gm, example_inputs, **kwargs):
     direction = "backward" if kwargs.get("is_backward") else "forward"
     schedule_and_record(record, gm, direction, options)
     with _provenance_scope():
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
     record.kernels[direction] = kernel_info(compiled)
-    return compiled
+    return agreeing(compiled, record, direction, options)
 
 
 @contextlib.contextmanager
@@ -120,10 +150,12 @@ def lower(gm, example_inputs, options, record):
     patches = {}
     if options.mode is not None:
         patches.update(torch._inductor.list_mode_options(options.mode))
-    if options.overlap:  # Inductor's peak-memory reordering would undo bnpass's schedule
-        patches["reorder_for_peak_memory"] = False
+    # Inductor's peak-memory reordering would undo bnpass's schedule, and may move collectives that
+    # one rank's shapes leave independent (an empty batch) where another rank's keep them in order.
+    patches["reorder_for_peak_memory"] = False
     patches.update(options.inductor_config)
     patches["post_grad_custom_post_pass"] = CacheKeyPass(options.fingerprint())
+    patches["joint_custom_pre_pass"] = SaveCollectivesPass(patches.get("joint_custom_pre_pass"))
     # AOTAutograd's cache would hand back compiled graphs without calling inner_compile, and the
     # record's counts would stay 0; Inductor's FX graph cache (behind inner_compile) still serves.
     with torch._functorch.config.patch(enable_autograd_cache=False):

@@ -118,7 +118,7 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
     """y = BN(x) (then ReLU) with statistics over the whole group, by the Triton kernels."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, group_name: Optional[str], relu: bool):
+    def forward(ctx, x, weight, bias, eps: float, group_name: Optional[str], relu: bool, site: int = -1):
         from bnpass.ops import global_statistics
 
         ops = torch.ops.bnpass
@@ -126,13 +126,13 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         n_local = x.numel() // channels
         sum_r, m2_r = ops.triton_bn_stats(x)
-        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name)  # 2C+1 float64 cross ranks
+        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name, site)  # 2C+1 float64 cross ranks
         mean_hi, mean_lo, invstd = stats.mean_hi, stats.mean_lo, stats.invstd
         scale = invstd if weight is None else invstd * weight.float()
         shift = torch.zeros_like(invstd) if bias is None else bias.float()
         y = ops.triton_bn_normalize(x, mean_hi, mean_lo, scale, shift, relu)
         ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, scale, shift, stats.total)
-        ctx.group_name, ctx.relu = group_name, relu
+        ctx.group_name, ctx.relu, ctx.site = group_name, relu, site
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats.mean, stats.unbiased_var)
         return y, stats.mean, stats.unbiased_var
@@ -148,15 +148,15 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
         local = ops.triton_bn_backward_reduce(dy, x, mean_hi, mean_lo, scale, shift, ctx.relu)
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
-            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)  # 2C float32
+            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name, ctx.site)  # 2C float32
             dx = ops.triton_bn_backward_dx(dy, x, mean_hi, mean_lo, mean_dy, coef, scale, shift, ctx.relu)
         dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None, None
+        return dx, dw, db, None, None, None, None
 
 
-def triton_synced_bn(x, weight, bias, eps, group_name, relu=False):
+def triton_synced_bn(x, weight, bias, eps, group_name, relu=False, site=-1):
     """(y, mean, unbiased_var) like ``SyncedBatchNormFunction.apply``, by the Triton kernels."""
     if not OPS_REGISTERED:
         raise BNPassError("bnpass: the Triton BatchNorm kernels need triton, which is not installed")
-    return TritonSyncedBatchNormFunction.apply(x, weight, bias, eps, group_name, relu)
+    return TritonSyncedBatchNormFunction.apply(x, weight, bias, eps, group_name, relu, site)

@@ -1,13 +1,21 @@
-"""Ranks agree on what they compiled before their first collective: never a hang, never silent.
+"""Ranks agree on the collectives a compiled graph will issue before it issues one.
 
-Ranks that compiled different BatchNorm sequences (different channels, one rank in eval mode, a
-different model, another input dtype) would issue mismatched all_reduces: gloo aborts the process
-or hangs, NCCL hangs or, with equal sizes, silently mixes unrelated statistics. So, the first time a
-bnpass-compiled graph runs, each rank posts the signature of its collectives (the synced sites in
-order: name, channels, dtype, group) to the process group's store, and waits, with a deadline, for
-every rank it reduces with to post the same signature. A graph with the same signature that another
-rank compiled separately (a recompile for a new batch size on one rank only) agrees at once. On a
-mismatch or the deadline every rank raises a BNPassError naming what differs; nothing is reduced.
+Ranks whose compiled graphs issue different collectives (other channels, one rank in eval mode, a
+different model, another input dtype, other options) would issue mismatched all_reduces: gloo aborts
+the process or hangs, NCCL hangs or, with equal sizes, silently mixes unrelated statistics. So, the
+first time each compiled forward and backward graph runs, before its first collective, the rank
+posts that graph's *collective sequence* (bnpass/schedule.py ``collective_sequence``: in order, each
+collective's op, element count, dtype, group, transport and the BatchNorm sites it serves) to the
+store, and waits, with a deadline, for every rank it reduces with to post the same. A graph with the
+same sequence that another rank compiled separately (a recompile for a new batch size, an empty
+local batch) agrees at once. On a mismatch every rank raises a BNPassError naming the first
+collective that differs and the sites it serves; nothing was reduced.
+
+* A graph that issues no collective (eval on one rank, FrozenBN-only or BN-free models, world size
+  1) never waits: it posts what it compiled, for the others' diagnosis, and runs.
+* Ranks that wait on each other with different sequences learn it within a poll interval
+  (bnpass/meet.py); ``agree_timeout_s`` is only for a rank that never comes (dead, still compiling,
+  elsewhere in the program).
 
 This is a key-value exchange through the store (no collective), once per compiled graph, not per step.
 """
@@ -20,78 +28,139 @@ import time
 
 import torch.distributed as dist
 
-from .meet import post_and_wait
+from .meet import Deadlock, post, post_and_wait
 from .options import BNPassError
-from .sites import SYNC, Site
 
-__all__ = ["signature", "agree"]
+__all__ = ["AgreeFirst", "agree", "waits"]
 
 _PREFIX = "bnpass/agree"
+_WAITS: list[dict] = []  # this process's agreements: direction, collectives, seconds waited
 
 
-def signature(sites: list[Site]) -> list[list]:
-    """What the other ranks must match: every synced site, in graph order."""
-    return [[s.name, s.op, s.channels, s.dtype, s.group, s.world_size] for s in sites if s.action == SYNC]
+def waits() -> list[dict]:
+    """One entry per agreement this process made (or tried): {"direction", "collectives",
+    "waited_s", "agreed"}, oldest first; what ``bnpass inspect`` and the tests read of the waits."""
+    return list(_WAITS)
 
 
-def _describe(sites: list) -> str:
-    return "[" + ", ".join(f"{n} ({op}, C={c}, {dt}, group {g})" for n, op, c, dt, g, _ in sites) + "]"
+def _entries(sequence: list[dict], sites: list) -> list[list]:
+    """What the other ranks must match, one list per collective."""
+    by_index = {s.index: s for s in sites}
+    out = []
+    for c in sequence:
+        served = [by_index[i] for i in c["sites"] if i in by_index]
+        out.append([c["op"], c["numel"], c["dtype"], c["group"], c["transport"],
+                    [[s.name, s.op, s.channels, s.dtype] for s in served]])
+    return out
+
+
+def _describe(entry: list) -> str:
+    op, numel, dtype, group, transport, served = entry
+    sites = ", ".join(f"{n} ({o}, C={c}, {dt})" for n, o, c, dt in served) or "no BatchNorm site"
+    return f"all_reduce({op}) of {numel} {dtype} over group {group} by {transport}, for {sites}"
 
 
 def _first_difference(mine: list, theirs: list) -> str:
     for i, (a, b) in enumerate(zip(mine, theirs)):
         if a != b:
-            return f"synced site {i}: here {_describe([a])}, there {_describe([b])}"
-    return f"this rank has {len(mine)} synced site(s), that rank {len(theirs)}"
+            return f"collective {i}: here {_describe(a)}; there {_describe(b)}"
+    if len(mine) > len(theirs):
+        return f"this rank issues {len(mine)} collective(s), that rank {len(theirs)}; the first extra " \
+               f"one here: {_describe(mine[len(theirs)])}"
+    return f"this rank issues {len(mine)} collective(s), that rank {len(theirs)}; the first extra one " \
+           f"there: {_describe(theirs[len(mine)])}"
 
 
-def _members(groups: set[str], default_group: str | None) -> list[int]:
+def _members(entries: list) -> list[int]:
     from torch.distributed.distributed_c10d import _resolve_process_group
 
-    names = set(groups) | ({default_group} if default_group is not None else set())
     ranks = set()
-    for name in names:
+    for name in {e[3] for e in entries if e[3] is not None}:
         ranks.update(dist.get_process_group_ranks(_resolve_process_group(name)))
     return sorted(ranks)
 
 
-def agree(sites: list[Site], default_group: str | None, timeout_s: float, context: str,
-          schedule: str = "") -> None:
-    """Block until every rank this graph reduces with has posted the same signature, or raise.
-    ``schedule``: the options that decide how the collectives are packed (bnpass/schedule.py);
-    ranks that pack differently would issue all_reduces of different sizes."""
+def agree(sequence: list[dict], sites: list, timeout_s: float, context: str, options: str = "",
+          direction: str = "forward") -> None:
+    """Block until every rank this graph reduces with has posted the same collective sequence, or
+    raise a BNPassError naming the first difference. ``context``: this graph's sites and their
+    decisions, ``options``: the options that shape the sequence, both for the others' diagnosis."""
     if not (dist.is_available() and dist.is_initialized()):
         return
     if dist.get_backend() == "fake" or dist.get_world_size() == 1:
         return  # `bnpass inspect`'s simulated world, or nobody to disagree with
-    sig = signature(sites)
-    members = _members({s[4] for s in sig}, default_group)
+    entries = _entries(sequence, sites)
     rank = dist.get_rank()
-    if len(members) <= 1:
-        return
-    digest = hashlib.sha1(json.dumps([sig, schedule]).encode()).hexdigest()[:16]
+    latest = json.dumps({"entries": entries, "context": context, "options": options,
+                         "direction": direction})
+    members = _members(entries)
     start = time.monotonic()
-    if post_and_wait(_PREFIX, digest, json.dumps({"sig": sig, "context": context, "schedule": schedule}),
-                     members, timeout_s):
+    log = {"direction": direction, "collectives": len(entries), "waited_s": 0.0, "agreed": True}
+    _WAITS.append(log)
+    if len(members) <= 1:  # nothing to reduce (or only with itself): say what it ran, and run
+        post(_PREFIX, latest)
+        log["waited_s"] = time.monotonic() - start
+        return
+    digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
+    deadlocked = None
+    try:
+        agreed = post_and_wait(_PREFIX, digest, latest, members, timeout_s)
+    except Deadlock as e:
+        agreed, deadlocked = False, e.rank
+    log.update(waited_s=time.monotonic() - start, agreed=agreed)
+    if agreed:
         return
     store = dist.distributed_c10d._get_default_store()
     problems = []
     for m in members:
-        if m == rank or store.check([f"{_PREFIX}/{digest}/{m}"]):
+        if m == rank or (m != deadlocked and store.check([f"{_PREFIX}/{digest}/{m}"])):
             continue
         if not store.check([f"{_PREFIX}/latest/{m}"]):
             problems.append(f"rank {m} has not run a bnpass-compiled graph within {timeout_s:.0f} s "
-                            "(dead, slower by more than that, or not running this code)")
+                            "(dead, still compiling, slower by more than that, or not running this "
+                            "code; raise agree_timeout_s if it is only slow)")
             continue
         theirs = json.loads(store.get(f"{_PREFIX}/latest/{m}"))
-        if theirs["sig"] == sig and theirs.get("schedule") != schedule:
-            problems.append(f"rank {m} schedules its collectives otherwise: here {schedule}, there "
-                            f"{theirs.get('schedule')} (pass the same options on every rank)")
+        what = "is waiting to run" if m == deadlocked else "last ran"
+        if not theirs["entries"]:
+            problems.append(f"rank {m} {what} a {theirs['direction']} graph that issues no collective "
+                            f"({theirs['context']}) and did not come to this one within "
+                            f"{timeout_s:.0f} s")
             continue
-        problems.append(f"rank {m} compiled different BatchNorm sites: "
-                        f"{_first_difference(sig, theirs['sig'])}; its graph: {theirs['context']}")
+        note = "" if theirs["options"] == options else \
+            f" (options here: {options}; there: {theirs['options']})"
+        problems.append(f"rank {m} {what} a {theirs['direction']} graph with other collectives{note}: "
+                        f"{_first_difference(entries, theirs['entries'])}; its sites: {theirs['context']}")
     raise BNPassError(
-        f"bnpass: ranks disagree on the synchronized BatchNorms of a compiled graph (waited "
-        f"{time.monotonic() - start:.0f} s). This rank ({rank}) has {len(sig)} synced site(s) "
-        f"{_describe(sig)}; " + "; ".join(problems) + ". Every rank must run the same model in the "
-        "same mode (train/eval) with the same input dtype and channels, and the same bnpass options.")
+        f"bnpass: ranks disagree on the collectives of a compiled {direction} graph (after "
+        f"{time.monotonic() - start:.1f} s; nothing was reduced). This rank ({rank}) issues "
+        f"{len(entries)} collective(s), the first: {_describe(entries[0])}; its sites: {context}; "
+        + "; ".join(problems) + ". Every rank must run the same model in the same mode (train/eval) "
+        "with the same input dtype and channels, and the same bnpass options.")
+
+
+class AgreeFirst:
+    """A compiled forward or backward graph whose first call first agrees on its collectives."""
+
+    def __init__(self, compiled, sequence: list[dict], record, direction: str, options):
+        self._compiled = compiled
+        self._sequence = sequence
+        self._record = record
+        self._direction = direction
+        self._timeout_s = options.agree_timeout_s
+        self._options = f"pack_collectives={options.pack_collectives}"
+        self._agreed = False
+        if getattr(compiled, "_boxed_call", False):
+            self._boxed_call = True  # in __dict__: wrappers that copy it (functools.wraps) see it
+
+    def __call__(self, *args):
+        if not self._agreed:
+            context = "; ".join(f"{s.name}: {s.action} ({s.reason})" for s in self._record.sites) \
+                or "no BatchNorm"
+            agree(self._sequence, self._record.sites, self._timeout_s, context, self._options,
+                  self._direction)
+            self._agreed = True
+        return self._compiled(*args)
+
+    def __getattr__(self, name):  # _boxed_call and the like of the compiled callable
+        return getattr(self._compiled, name)

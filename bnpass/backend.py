@@ -11,12 +11,11 @@ from typing import Optional
 import torch
 
 from . import capture
-from .agree import agree
 from .inspect_capture import after_rewrite, snapshot_sites
 from .options import BNPassError, Options
 from .record import keep, new_record
 from .rewrite import rewrite_sites
-from .sites import example_of, find_sites
+from .sites import collective_levels, example_of, find_sites
 
 __all__ = ["bnpass_backend", "bnpass_eager_backend"]
 
@@ -48,14 +47,14 @@ def _compile(gm, example_inputs, options, mode, lower):
     group = opts.group()
     sites = find_sites(gm, group.name, group.world_size, opts.force_sync, group.why_local, opts.fold_eval)
     _check_group_devices(sites)
+    collective_levels(gm, sites)  # before the rewrite: the Dynamo graph every rank traced alike
     record = new_record(sites, group.name, group.world_size)
     before = snapshot_sites(gm, sites)
     rewrite_sites(gm, sites, opts.kernels)
     record.site_nodes, record.snapshots = after_rewrite(gm, sites, before)
     compiled = lower(gm, example_inputs, opts, record)
     keep(record)
-    return _AgreeFirst(compiled, record, group.name, opts.agree_timeout_s,
-                       f"pack_collectives={opts.pack_collectives}")
+    return compiled  # each of its forward and backward graphs agrees first (bnpass/agree.py)
 
 
 setattr(bnpass_backend, capture.BACKEND_MARK, True)
@@ -79,26 +78,3 @@ def _check_group_devices(sites) -> None:
                 f"group {site.group} has backends only for {sorted(devices)} ({config}). Use a group "
                 f"with a {val.device.type} backend (gloo for CPU, nccl for CUDA), e.g. "
                 f"torch.distributed.new_group(backend=...), or move the model to {sorted(devices)[0]}.")
-
-
-class _AgreeFirst:
-    """The compiled graph; its first call waits until the other ranks compiled the same sites."""
-
-    def __init__(self, compiled, record, group_name, timeout_s, schedule):
-        self._compiled = compiled
-        self._schedule = schedule
-        self._record = record
-        self._group_name = group_name
-        self._timeout_s = timeout_s
-        self._agreed = False
-
-    def __call__(self, *args):
-        if not self._agreed:
-            context = "; ".join(f"{s.name}: {s.action} ({s.reason})" for s in self._record.sites) \
-                or "no BatchNorm"
-            agree(self._record.sites, self._group_name, self._timeout_s, context, self._schedule)
-            self._agreed = True
-        return self._compiled(*args)
-
-    def __getattr__(self, name):  # _boxed_call and the like of Inductor's compiled callable
-        return getattr(self._compiled, name)

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-__all__ = ["install", "bn_site"]
+__all__ = ["install", "bn_site", "batch_norm_any_local_batch"]
 
 BACKEND_MARK = "_bnpass_backend"  # attribute set on the backend entry function
 EVAL_BATCH_STATS = ""  # tag group name: a module in eval mode normalizing with batch statistics
@@ -45,6 +45,30 @@ def _(x, num_batches_tracked, group_name):
 
 
 bn_site.register_autograd(lambda ctx, grad: (grad, None, None))
+
+
+@torch._dynamo.allow_in_graph
+def batch_norm_any_local_batch(input, running_mean, running_var, weight=None, bias=None, training=False,
+                               momentum=0.1, eps=1e-5):
+    """``F.batch_norm`` for a training-mode call whose local batch has one value per channel.
+
+    ``F.batch_norm`` raises "Expected more than 1 value per channel" for it while Dynamo traces (in
+    Python and in the ATen op's fake-tensor rule), though a synced site counts the batch over the
+    whole group. So the capture path emits this call instead; its fake result lets the trace go on,
+    and the rewrite replaces it: by the synced op at a synced site (which checks the global count at
+    run time), by ``F.batch_norm`` anywhere else, whose own check then raises as in stock PyTorch.
+    Called eagerly (never, after the rewrite), it is ``F.batch_norm``."""
+    if torch._subclasses.fake_tensor.is_fake(input):
+        return torch.empty_like(input)
+    return F.batch_norm(input, running_mean, running_var, weight, bias, training, momentum, eps)
+
+
+def _one_value_per_channel(input: Tensor) -> bool:
+    """Whether ``input`` (N, C, *) has, statically, one value per channel."""
+    if input.dim() < 2:
+        return False
+    n = input.numel() // input.shape[1] if isinstance(input.shape[1], int) and input.shape[1] else None
+    return isinstance(n, int) and n == 1
 
 
 @torch._dynamo.assume_constant_result
@@ -86,7 +110,8 @@ def _forward_for_bnpass(module: _BatchNorm, input: Tensor, group_name: Optional[
         group_name = EVAL_BATCH_STATS  # eval mode on batch statistics: never synced, as SyncBatchNorm
     if cumulative is not None or group_name is not None:
         input = bn_site(input, cumulative, group_name)
-    return F.batch_norm(
+    batch_norm = batch_norm_any_local_batch if bn_training and _one_value_per_channel(input) else F.batch_norm
+    return batch_norm(
         input,
         module.running_mean if use_buffers else None,
         module.running_var if use_buffers else None,

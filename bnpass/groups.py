@@ -36,7 +36,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-from .meet import post_and_wait
+from .meet import Deadlock, post_and_wait
 from .options import BNPassError
 
 __all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe"]
@@ -169,8 +169,11 @@ def _meet(ranks: list[int], parent: dist.ProcessGroup, timeout_s: float, what: s
     Keys carry that count, so a group made again later (after a destroy) meets afresh."""
     rank, count = dist.get_rank(), dist.get_pg_count()
     prefix = f"{_PREFIX}/{parent.group_name}/{'_'.join(map(str, ranks))}"
-    if post_and_wait(prefix, str(count), str(count), ranks, timeout_s):
-        return
+    try:
+        if post_and_wait(prefix, str(count), str(count), ranks, timeout_s):
+            return
+    except Deadlock:
+        pass  # a rank came with another count: said below
     store = dist.distributed_c10d._get_default_store()
     problems = []
     for r in ranks:

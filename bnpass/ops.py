@@ -46,12 +46,31 @@ def _centered(xf: Tensor, mean_hi: Tensor, mean_lo: Tensor) -> Tensor:
     return (xf - _per_channel(mean_hi, xf)) - _per_channel(mean_lo, xf)
 
 
-def _all_reduce_sum(t: Tensor, group_name: Optional[str]) -> Tensor:
+@torch.library.custom_op("bnpass::site_all_reduce", mutates_args=())
+def site_all_reduce(payload: Tensor, group_name: str, site: int, kind: str) -> Tensor:
+    """Sum ``payload`` over the group's ranks: the collective of site ``site``'s ``kind`` ("forward":
+    statistics, "backward": gradient terms). An opaque op until bnpass/schedule.py, which runs on every
+    graph AOTAutograd traces, replaces it by ``_c10d_functional.all_reduce`` + ``wait_tensor``
+    (packed with other sites' where the rank-independent site levels allow): the site it serves stays
+    in the graph as data, so no graph pass can merge, drop or reorder it, and the packing and order
+    are decided from what every rank shares. Run eagerly (outside a schedule), it is that pair."""
+    out = torch.ops._c10d_functional.all_reduce(payload, "sum", group_name)
+    return torch.ops._c10d_functional.wait_tensor(out)
+
+
+@site_all_reduce.register_fake
+def _(payload, group_name, site, kind):
+    return torch.empty_like(payload)
+
+
+torch.fx.node.has_side_effect(torch.ops.bnpass.site_all_reduce.default)
+
+
+def _all_reduce_sum(t: Tensor, group_name: Optional[str], site: int, kind: str) -> Tensor:
     """Sum over the group's ranks; ``None`` is this rank alone (a local site)."""
     if group_name is None:
         return t
-    out = torch.ops._c10d_functional.all_reduce(t, "sum", group_name)
-    return torch.ops._c10d_functional.wait_tensor(out)
+    return torch.ops.bnpass.site_all_reduce(t, group_name, site, kind)
 
 
 def _local_moments(xf: Tensor, n_local) -> tuple[Tensor, Tensor]:
@@ -74,6 +93,11 @@ def _local_moments(xf: Tensor, n_local) -> tuple[Tensor, Tensor]:
     return total, m2
 
 
+_ONE_VALUE = ("Expected more than 1 value per channel when training, got at most 1 value per channel in "
+              "the global batch of the process group (bnpass counts the batch over every rank of the "
+              "group)")
+
+
 class GlobalStatistics(NamedTuple):
     total: Tensor  # (1,) float64: N, the global count
     mean: Tensor  # (C,) float32
@@ -84,13 +108,20 @@ class GlobalStatistics(NamedTuple):
 
 
 def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
-                      group_name: Optional[str]) -> GlobalStatistics:
+                      group_name: Optional[str], site: int = -1) -> GlobalStatistics:
     """The forward's one all_reduce, of [n_r, s_r, M2_r + s_r^2/n_r] (2C+1 float64 values), and
     the global statistics it gives. Shared by every kernel choice (see backends/triton_bn_op.py)."""
     channels = sum_r.shape[0]
+    if group_name is None and isinstance(n_local, int) and n_local == 1:
+        raise ValueError("Expected more than 1 value per channel when training, got 1 value per "
+                         "channel (a BatchNorm with this rank's own statistics)")
     count = torch.full((1,), n_local, dtype=torch.float64, device=sum_r.device)
     packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
-    packed = _all_reduce_sum(packed, group_name)  # crosses ranks
+    packed = _all_reduce_sum(packed, group_name, site, "forward")  # crosses ranks
+    if isinstance(n_local, int) and n_local <= 1 and group_name is not None:
+        # Only now is the batch known: a rank with one value per channel is fine when the group
+        # has more. Every rank whose own count is <= 1 checks (so all do when the global count is).
+        torch._assert_async(packed[0] > 1, _ONE_VALUE)
     total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
     mean64 = s1 / total
     var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
@@ -103,11 +134,11 @@ def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
 
 
 def global_grad_terms(local: Tensor, total: Tensor, invstd: Tensor,
-                      group_name: Optional[str]) -> tuple[Tensor, Tensor]:
+                      group_name: Optional[str], site: int = -1) -> tuple[Tensor, Tensor]:
     """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*(x-mean)] (2C float32), and
     the per-channel terms of dx = scale*(dy - mean_dy - (x-mean)*coef)."""
     channels = local.shape[0] // 2
-    summed = _all_reduce_sum(local, group_name)  # crosses ranks
+    summed = _all_reduce_sum(local, group_name, site, "backward")  # crosses ranks
     total32 = total.float()
     mean_dy = summed[:channels] / total32
     coef = invstd * invstd * (summed[channels:] / total32)
@@ -118,12 +149,12 @@ class SyncedBatchNormFunction(torch.autograd.Function):
     """y = BN(x) with statistics over the whole process group. Pure: touches no buffer."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, eps: float, group_name: str):
+    def forward(ctx, x, weight, bias, eps: float, group_name: str, site: int = -1):
         channels = x.shape[1]
         n_local = x.numel() // channels if channels else 0
         xf = x.float()
         sum_r, m2_r = _local_moments(xf, n_local)
-        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name)
+        stats = global_statistics(sum_r, m2_r, n_local, eps, group_name, site)
         mean_hi, mean_lo, invstd = stats.mean_hi, stats.mean_lo, stats.invstd
         scale = invstd if weight is None else invstd * weight.float()
         y = _centered(xf, mean_hi, mean_lo) * _per_channel(scale, x)
@@ -131,7 +162,7 @@ class SyncedBatchNormFunction(torch.autograd.Function):
             y = y + _per_channel(bias.float(), x)
         y = y.to(x.dtype)
         ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, stats.total)
-        ctx.group_name = group_name
+        ctx.group_name, ctx.site = group_name, site
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats.mean, stats.unbiased_var)
         return y, stats.mean, stats.unbiased_var
@@ -146,13 +177,13 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
-            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name)
+            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name, ctx.site)
             scale = invstd if weight is None else invstd * weight.float()
             dx = ((dyf - _per_channel(mean_dy, x) - xmu * _per_channel(coef, x))
                   * _per_channel(scale, x)).to(x.dtype)
         dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
-        return dx, dw, db, None, None
+        return dx, dw, db, None, None, None
 
 
 def synced_batch_norm(
@@ -166,19 +197,21 @@ def synced_batch_norm(
     group_name: Optional[str],
     kernels: str = "inductor",
     relu: bool = False,
+    site: int = -1,
 ) -> Tensor:
     """Training-mode BN with global statistics; updates running stats (if given) in place.
 
     ``momentum`` is a float, or a 0-d tensor (the cumulative average's 1/num_batches_tracked).
     ``kernels="triton"`` (set by the rewrite only for CUDA sites, see backends/triton_bn_op.py) does
     the passes over x with bnpass's Triton kernels, then applies the ReLU too when ``relu``.
+    ``site``: the site's index in its graph, carried by its collectives (``site_all_reduce``).
     """
     if kernels == "triton":
         from bnpass.backends.triton_bn_op import triton_synced_bn
 
-        y, mean, unbiased_var = triton_synced_bn(x, weight, bias, eps, group_name, relu)
+        y, mean, unbiased_var = triton_synced_bn(x, weight, bias, eps, group_name, relu, site)
     else:
-        y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name)
+        y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name, site)
     with torch.no_grad():
         if running_mean is not None:
             running_mean.copy_(torch.lerp(running_mean, mean.to(running_mean.dtype), momentum))

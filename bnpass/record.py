@@ -22,6 +22,9 @@ class GraphRecord:
     schedules: dict = dataclasses.field(default_factory=dict)  # direction -> schedule.ScheduleReport
     collective_bytes: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
     host_syncs: dict = dataclasses.field(default_factory=lambda: {"forward": 0, "backward": 0})
+    # direction -> the collectives that graph issues, in order (schedule.collective_sequence):
+    # what the ranks agree on before the first one (agree.py).
+    sequence: dict = dataclasses.field(default_factory=dict)
     # For `bnpass inspect` (plain data, see inspect_capture.py). Filled in by the backend around the
     # rewrite: site index -> the Dynamo node names of the site (its BN call, the node in its place), and
     # site index -> {"before": lines, "after": lines} of the Dynamo graph around the site.
@@ -45,6 +48,7 @@ class GraphRecord:
             "collectives_unpacked": dict(self.collectives_unpacked),
             "collective_bytes": dict(self.collective_bytes),
             "host_syncs": dict(self.host_syncs),
+            "sequence": {d: [dict(c) for c in seq] for d, seq in self.sequence.items()},
         }
 
 

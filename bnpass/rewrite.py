@@ -6,7 +6,9 @@ Graph invariants (the Dynamo graph in, the Dynamo graph out):
 * A ``fold`` site (eval mode) disappears: its Conv/Linear is called with weight * s and
   (bias - running_mean) * s + beta, s = gamma / sqrt(running_var + eps), computed in the graph from
   the current tensors (Inductor fuses or, with ``freezing``, constant-folds it); nothing is mutated.
-* Every ``bnpass::bn_site`` tag is removed: no tag reaches AOTAutograd.
+* Every ``bnpass::bn_site`` tag is removed: no tag reaches AOTAutograd; so is every
+  ``capture.batch_norm_any_local_batch`` call (one value per channel on this rank): a synced site's
+  becomes the synced op, any other ``F.batch_norm``.
 * Running statistics stay graph inputs that the replacement mutates in place, as ``F.batch_norm``
   does; AOTAutograd functionalizes that mutation like BN's own.
 * ``num_batches_tracked.add_(1)`` is left where the module put it.
@@ -22,6 +24,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from .capture import batch_norm_any_local_batch
 from .ops import synced_batch_norm
 from .sites import FOLD, LOCAL, SYNC, Site, bn_call, example_of, fold_producer
 
@@ -119,6 +122,7 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], kernels: str = "inducto
                     synced_batch_norm,
                     (call.input, call.running_mean, call.running_var, call.weight, call.bias,
                      momentum, call.eps, site.group) + extra + ((True,) if relu is not None else ()),
+                    {"site": site.index},
                 )
             new.meta.update(call.node.meta)
             call.node.replace_all_uses_with(new)
@@ -127,6 +131,8 @@ def rewrite_sites(gm: fx.GraphModule, sites: list[Site], kernels: str = "inducto
                 relu.replace_all_uses_with(new)
                 graph.erase_node(relu)
             replaced += 1
+        elif call.node.target is batch_norm_any_local_batch:
+            call.node.target = F.batch_norm  # not synced: one value per channel raises, as stock
         if call.tag is not None:
             call.tag.replace_all_uses_with(call.input)
             graph.erase_node(call.tag)

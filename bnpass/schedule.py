@@ -5,14 +5,18 @@ nothing is mutated but the ``copy_`` of new running statistics into their inputs
 lowering sees it, under Inductor and ``bnpass_eager`` alike. Three steps, each optional
 (``options={"pack_collectives": ..., "overlap": ...}``):
 
-1. **Pack** (``pack_collectives``). A collective's *level* is the number of collectives on the
-   longest path of the graph that leads to its payload (networkx, over the whole graph). Two
-   collectives on the same level cannot depend on each other, so those of one level that reduce
-   with the same group, op, dtype and device become one ``all_reduce`` of their concatenated
-   payloads, and each former wait reads its slice: ResNet's downsample BN shares its block's first
-   BN's collective in the forward and its second BN's in the backward; Inception's and HRNet's
-   branches share one per level. Every rank runs this on the same graph and gets the same groups,
-   and collectives keep the order of their levels: ranks never issue them in different orders.
+1. **Pack** (``pack_collectives``). The synced op leaves one ``bnpass::site_all_reduce`` per site
+   and direction in the graph (bnpass/ops.py), naming its site. Sites whose statistics cannot depend
+   on each other share a *level* (bnpass/sites.py ``collective_levels``: the number of synced sites
+   on the longest path to the site's input in the Dynamo graph, or, backward, from its output).
+   The collectives of one level that reduce with the same group, dtype and device become one
+   ``all_reduce`` of their concatenated payloads, and each site reads its slice: ResNet's
+   downsample BN shares its block's first BN's collective in the forward and its second BN's in the
+   backward; Inception's and HRNet's branches share one per level. The levels come from the Dynamo
+   graph, never from this graph, whose structure follows this rank's shapes (on an empty rank,
+   reductions over no elements are constants, and dependencies vanish): every rank packs alike
+   (shared/FACTS.md "Shapes specialize per rank"). Without packing each site collective becomes its
+   own all_reduce. Either way each new all_reduce carries ``meta["bnpass_sites"]``.
 2. **Split** (``overlap``). A ``convolution_backward`` that computes both the input's and the
    weight's gradient becomes two calls, one per gradient: the weight's gradient does not feed the
    BatchNorm backward before it, so it can run while that BatchNorm's collective is in flight.
@@ -24,8 +28,9 @@ lowering sees it, under Inductor and ``bnpass_eager`` alike. Three steps, each o
    kernels in this order once its peak-memory reordering, which would undo it, is off: the
    lowering turns it off in compiles with ``overlap`` (``inductor_config`` can turn it back on).
 
-Only ``_c10d_functional.all_reduce`` nodes whose one user is their ``wait_tensor`` take part, of
-any origin: a sum of a concatenation is the concatenation of the sums.
+Other ``_c10d_functional`` collectives in the graph (a user's own) are neither packed nor moved
+relative to each other; ``collective_sequence`` lists every collective the graph issues, in order,
+for the agreement between ranks (bnpass/agree.py).
 """
 
 from __future__ import annotations
@@ -36,15 +41,17 @@ import operator
 from collections import defaultdict
 from typing import Optional
 
-import networkx as nx
 import torch
 import torch.fx as fx
 
-__all__ = ["ScheduleReport", "schedule_collectives"]
+from . import ops  # noqa: F401 - registers bnpass::site_all_reduce
+
+__all__ = ["ScheduleReport", "schedule_collectives", "collective_sequence", "save_site_collectives"]
 
 aten = torch.ops.aten
 _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
+_SITE_ALL_REDUCE = torch.ops.bnpass.site_all_reduce.default
 _COLLECTIVE_PREFIX = "_c10d_functional."
 
 
@@ -80,59 +87,100 @@ def _reductions(graph: fx.Graph) -> list[tuple[fx.Node, fx.Node]]:
     return pairs
 
 
-def _levels(graph: fx.Graph, reductions: list[tuple[fx.Node, fx.Node]]) -> dict[fx.Node, int]:
-    """all_reduce -> number of collectives on the longest path to its payload."""
-    dag = nx.DiGraph()
-    for node in graph.nodes:
-        dag.add_node(node)
-        dag.add_edges_from((inp, node) for inp in node.all_input_nodes)
-    waits = {wait for _, wait in reductions}
-    depth: dict[fx.Node, int] = {}
-    for node in nx.topological_sort(dag):
-        d = max((depth[p] for p in dag.predecessors(node)), default=0)
-        depth[node] = d + 1 if node in waits else d
-    return {ar: depth[ar] for ar, _ in reductions}
+def _site_collectives(graph: fx.Graph) -> list[fx.Node]:
+    """The ``bnpass::site_all_reduce`` nodes (bnpass/ops.py), in graph order."""
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is _SITE_ALL_REDUCE]
 
 
-def _pack(gm: fx.GraphModule, report: ScheduleReport, fake_mode) -> None:
+def _pack_key(node: fx.Node, direction: str, levels: dict, pack: bool) -> Optional[tuple]:
+    """What a site collective must share with others to be packed with them, or None (alone).
+    Only the rank-independent site levels (bnpass/sites.py ``collective_levels``) decide it, with
+    the group and the payload's dtype and device: the same keys on every rank, whatever its data."""
+    payload, group_name, site, kind = node.args
+    level = levels.get(site, {}).get(kind)
+    val = _val(payload)
+    if not pack or level is None or kind != direction or val.dim() != 1 or not isinstance(val.shape[0], int):
+        return None  # a forward collective recomputed in the backward (checkpointing) stays alone
+    return (kind, level, group_name, val.dtype, val.device)
+
+
+def save_site_collectives(graph: fx.Graph) -> None:
+    """On the joint graph, before AOTAutograd's partitioner: the output of every site collective is
+    saved for the backward, never recomputed there (the partitioner would otherwise recompute the
+    cheap-looking op, and with it the collective: another all_reduce per site and step; inside a
+    checkpointed region too). It does the same for torch's own collectives."""
+    from torch.utils.checkpoint import CheckpointPolicy
+
+    for node in _site_collectives(graph):
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def _lower_site_collectives(gm: fx.GraphModule, direction: str, levels: dict, pack: bool,
+                            report: ScheduleReport, fake_mode) -> None:
+    """Put ``_c10d_functional.all_reduce`` + ``wait_tensor`` in place of the site collectives: one
+    per pack (the concatenated payloads of the sites of one pack key, each reading its slice), in
+    the place of the pack's last member. Each new all_reduce's ``meta["bnpass_sites"]`` names the
+    sites it serves."""
     graph = gm.graph
-    reductions = _reductions(graph)
-    if len(reductions) < 2:
-        return
-    levels = _levels(graph, reductions)
-    groups: dict[tuple, list[tuple[fx.Node, fx.Node]]] = defaultdict(list)
-    for ar, wait in reductions:
-        payload = _val(ar.args[0])
-        if payload.dim() != 1 or not isinstance(payload.shape[0], int):
-            continue  # only flat payloads of a static size are packed
-        groups[(levels[ar], ar.args[1], ar.args[2], payload.dtype, payload.device)].append((ar, wait))
-    for (_, op, group_name, _, _), members in groups.items():
-        if len(members) < 2:
-            continue
-        payloads = [ar.args[0] for ar, _ in members]
-        last = members[-1][0]  # reductions come in graph order: every payload is defined before it
+    packs: dict = defaultdict(list)
+    for i, node in enumerate(_site_collectives(graph)):
+        key = _pack_key(node, direction, levels, pack)
+        packs[key if key is not None else ("alone", i)].append(node)
+    for members in packs.values():
+        last = members[-1]  # graph order: every member's payload is defined before it
+        payloads = [m.args[0] for m in members]
+        group_name = last.args[1]
         with graph.inserting_before(last):
-            cat = graph.call_function(aten.cat.default, (payloads,))
-            ar = graph.call_function(_ALL_REDUCE, (cat, op, group_name))
+            cat = graph.call_function(aten.cat.default, (payloads,)) if len(members) > 1 else payloads[0]
+            ar = graph.call_function(_ALL_REDUCE, (cat, "sum", group_name))
             wait = graph.call_function(_WAIT, (ar,))
         with fake_mode:
-            cat.meta["val"] = aten.cat.default([_val(p) for p in payloads])
+            if len(members) > 1:
+                cat.meta["val"] = aten.cat.default([_val(p) for p in payloads])
             ar.meta["val"] = torch.empty_like(cat.meta["val"])
             wait.meta["val"] = torch.empty_like(cat.meta["val"])
-        for new in (cat, ar, wait):
+        for new in ((cat, ar, wait) if len(members) > 1 else (ar, wait)):
             new.meta.setdefault("stack_trace", last.meta.get("stack_trace"))
+            for key in ("source_fn_stack", "fwd_source_fn_stack", "from_node", "partitioner_tag"):
+                if key in last.meta:
+                    new.meta.setdefault(key, last.meta[key])
+        ar.meta["bnpass_sites"] = tuple(m.args[2] for m in members)
+        ar.meta["bnpass_kind"] = last.args[3]
+        if len(members) == 1:
+            last.replace_all_uses_with(wait)
+            graph.erase_node(last)
+            continue
         offset = 0
-        for old_ar, old_wait in members:
-            size = _val(old_ar.args[0]).shape[0]
+        for member in members:
+            size = _val(member.args[0]).shape[0]
             with graph.inserting_after(wait):
                 piece = graph.call_function(aten.slice.Tensor, (wait, 0, offset, offset + size))
             with fake_mode:
                 piece.meta["val"] = aten.slice.Tensor(wait.meta["val"], 0, offset, offset + size)
-            old_wait.replace_all_uses_with(piece)
-            graph.erase_node(old_wait)
-            graph.erase_node(old_ar)
+            member.replace_all_uses_with(piece)
+            graph.erase_node(member)
             offset += size
         report.packed.append(len(members))
+
+
+def collective_sequence(gm: fx.GraphModule) -> list[dict]:
+    """The collectives ``gm`` issues, in the order it issues them: what the ranks must agree on."""
+    out = []
+    for node in gm.graph.nodes:
+        if not _collective(node):
+            continue
+        val = _val(node.args[0]) if node.args else None
+        out.append({
+            "op": str(node.args[1]) if len(node.args) > 1 else str(node.target),
+            "target": str(node.target),
+            "numel": int(val.numel()) if isinstance(val, torch.Tensor) else None,
+            "dtype": str(val.dtype).replace("torch.", "") if isinstance(val, torch.Tensor) else None,
+            "group": node.args[2] if len(node.args) > 2 else None,
+            "sites": list(node.meta.get("bnpass_sites", ())),
+            "kind": node.meta.get("bnpass_kind"),
+            "transport": node.meta.get("bnpass_transport", "process_group"),
+        })
+    return out
 
 
 def _split_conv_backwards(gm: fx.GraphModule, report: ScheduleReport, fake_mode) -> None:
@@ -194,7 +242,13 @@ def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:
             pending[user] -= 1
             if pending[user] == 0:
                 heapq.heappush(ready, (key(user), index[user]))
-    assert len(order) == len(nodes), "bnpass: the schedule found a cycle in the graph"
+    if len(order) != len(nodes):
+        from .options import BNPassError
+
+        raise BNPassError("bnpass: packing the collectives made a cycle in the graph (two BatchNorms "
+                          "the Dynamo graph shows as independent depend on each other here, e.g. "
+                          "through a view written in place); compile with "
+                          "options={'pack_collectives': False} and report the model")
     return order
 
 
@@ -232,15 +286,20 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
     report.reordered = True
 
 
-def schedule_collectives(gm: fx.GraphModule, pack: bool = True, overlap: bool = True) -> ScheduleReport:
-    """Pack, split and reorder ``gm`` in place (see the module doc); returns what was done."""
+def schedule_collectives(gm: fx.GraphModule, direction: str = "forward", levels: Optional[dict] = None,
+                         pack: bool = True, overlap: bool = True) -> ScheduleReport:
+    """Lower the site collectives (packed with ``pack``), split and reorder ``gm`` in place (see the
+    module doc); returns what was done. ``direction``: "forward" or "backward", the graph's;
+    ``levels``: {site index: {"forward": level, "backward": level}} (bnpass/sites.py)."""
     report = ScheduleReport()
-    report.collectives_before = report.collectives_after = len(_reductions(gm.graph))
-    if not report.collectives_before or not (pack or overlap):
+    sites = _site_collectives(gm.graph)
+    report.collectives_before = len(sites) + len(_reductions(gm.graph))
+    report.collectives_after = report.collectives_before
+    if not report.collectives_before:
         return report  # nothing to schedule: the graph is left as it is
     fake_mode = _fake_mode(gm)
-    if pack:
-        _pack(gm, report, fake_mode)
+    if sites:
+        _lower_site_collectives(gm, direction, levels or {}, pack, report, fake_mode)
     if overlap:
         _split_conv_backwards(gm, report, fake_mode)
     if report.packed or overlap:

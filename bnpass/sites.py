@@ -25,10 +25,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .capture import EVAL_BATCH_STATS
+from .capture import EVAL_BATCH_STATS, batch_norm_any_local_batch
 from .groups import describe
 
-__all__ = ["Site", "BNCall", "find_sites", "fold_producer", "FOLDABLE", "SYNC", "LOCAL", "SKIP", "FOLD"]
+__all__ = ["Site", "BNCall", "find_sites", "collective_levels", "fold_producer", "FOLDABLE", "SYNC", "LOCAL",
+           "SKIP", "FOLD"]
 
 SYNC, LOCAL, SKIP, FOLD = "sync", "local", "skip", "fold"
 # Layers a BN in eval mode folds into, with their weight's output-channel dimension (0).
@@ -45,7 +46,9 @@ _SIGNATURES = {
         ]
     ),
 }
-_OP_NAMES = {F.batch_norm: "F.batch_norm", torch.batch_norm: "torch.batch_norm"}
+_SIGNATURES[batch_norm_any_local_batch] = _SIGNATURES[F.batch_norm]  # capture.py: n = 1 per channel
+_OP_NAMES = {F.batch_norm: "F.batch_norm", torch.batch_norm: "torch.batch_norm",
+             batch_norm_any_local_batch: "F.batch_norm"}
 
 
 @dataclasses.dataclass
@@ -88,10 +91,14 @@ class Site:
     world_size: int = 1
     cumulative_momentum: bool = False
     call: Optional[BNCall] = dataclasses.field(default=None, repr=False, compare=False)
+    # A synced site's collective level per direction (see ``collective_levels``); None: no
+    # collective in that direction, or not packable (a site inside a subgraph).
+    levels: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     def to_json(self) -> dict:
         out = dataclasses.asdict(dataclasses.replace(self, call=None))
         out.pop("call")
+        out.pop("levels")
         return out
 
 
@@ -229,3 +236,79 @@ def find_sites(gm: fx.GraphModule, group: Optional[str], world_size: int, force_
             call=call,
         ))
     return sites
+
+
+def _mutates_first_arg(node: fx.Node) -> bool:
+    """An in-place call (``x.add_(y)``, ``torch.relu_(x)``): it writes its first argument."""
+    if node.op == "call_method":
+        name = node.target
+    elif node.op == "call_function":
+        name = getattr(node.target, "__name__", "")
+    else:
+        return False
+    return name.endswith("_") and not name.endswith("__") and bool(node.args) \
+        and isinstance(node.args[0], fx.Node)
+
+
+def _dependencies(graph: fx.Graph, sites: list[Site]) -> dict[fx.Node, set[fx.Node]]:
+    """node -> the nodes it depends on: its inputs, and for a reader of a tensor that an earlier node
+    wrote in place (an in-place op, a BN updating its running statistics), that writer."""
+    writes: dict[fx.Node, list[fx.Node]] = {}
+    for site in sites:
+        for buf in (site.call.running_mean, site.call.running_var):
+            if isinstance(buf, fx.Node):
+                writes.setdefault(site.call.node, []).append(buf)
+    last_writer: dict[fx.Node, fx.Node] = {}
+    deps = {}
+    for node in graph.nodes:
+        inputs = set(node.all_input_nodes)
+        deps[node] = inputs | {last_writer[i] for i in inputs if i in last_writer and last_writer[i] is not node}
+        written = writes.get(node, []) + ([node.args[0]] if _mutates_first_arg(node) else [])
+        for buf in written:
+            last_writer[buf] = node
+    return deps
+
+
+def collective_levels(gm: fx.GraphModule, sites: list[Site]) -> None:
+    """Set each synced site's ``levels``: {"forward": k, "backward": k or None}.
+
+    A site's forward level is the number of synced sites on the longest path of the Dynamo graph to
+    its input; its backward level, the number of synced sites with a backward collective on the
+    longest path from its output (the gradient of its output waits for theirs). Sites of one level
+    cannot depend on each other in that direction, so the schedule may pack their collectives into
+    one. The levels are a function of the Dynamo graph, which every rank traces from the same code
+    and agrees on, never of the ATen graph, whose structure follows this rank's shapes (an empty
+    local batch turns reductions into constants and removes dependencies). A site inside a subgraph
+    (a checkpointed region) gets None: its collectives are never packed.
+    """
+    synced = [s for s in sites if s.action == SYNC]
+    graph = gm.graph
+    root = [s for s in synced if s.call.node.graph is graph]
+    for site in synced:
+        site.levels = {"forward": None, "backward": None}
+    if not root:
+        return
+    deps = _dependencies(graph, root)
+    of_node = {s.call.node: s for s in root}
+    forward: dict[fx.Node, int] = {}
+    for node in graph.nodes:  # graph order is topological
+        depth = max((forward[d] for d in deps[node]), default=0)
+        site = of_node.get(node)
+        if site is not None:
+            site.levels["forward"] = depth
+            depth += 1
+        forward[node] = depth
+    users: dict[fx.Node, list[fx.Node]] = {n: [] for n in graph.nodes}
+    for node, inputs in deps.items():
+        for inp in inputs:
+            users[inp].append(node)
+    backward: dict[fx.Node, int] = {}
+    for node in reversed(graph.nodes):
+        depth = max((backward[u] for u in users[node]), default=0)
+        site = of_node.get(node)
+        if site is not None:
+            val = example_of(site.call.input)
+            if val is None or val.requires_grad:  # a backward collective (see ops.py)
+                site.levels["backward"] = depth
+                depth += 1
+        backward[node] = depth

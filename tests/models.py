@@ -215,7 +215,58 @@ class Branches(nn.Module):
         return F.relu(y + self.shortcut(x))
 
 
+class MLPHead(nn.Module):
+    """Linear -> BatchNorm1d -> ReLU -> Linear -> BatchNorm1d: a detection / SSL head, where a rank
+    may hold no sample or one (one value per channel)."""
+
+    def __init__(self, c1: int = 6, c2: int = 6):
+        super().__init__()
+        self.fc1, self.bn1 = nn.Linear(5, c1), nn.BatchNorm1d(c1)
+        self.fc2, self.bn2 = nn.Linear(c1, c2), nn.BatchNorm1d(c2)
+
+    def forward(self, x):
+        return self.bn2(self.fc2(F.relu(self.bn1(self.fc1(x)))))
+
+
+class TwoBranchBN(nn.Module):
+    """Two BatchNorms on the same input, summed: their collectives pack into one."""
+
+    def __init__(self, channels: int = 4):
+        super().__init__()
+        self.a, self.b = nn.BatchNorm2d(channels), nn.BatchNorm2d(channels, momentum=0.3)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class FrozenOnly(nn.Module):
+    """A detection backbone's BatchNorms: all FrozenBatchNorm2d, nothing to reduce."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.ops import FrozenBatchNorm2d
+
+        self.conv, self.bn = nn.Conv2d(3, 4, 3, padding=1), FrozenBatchNorm2d(4)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+
+class NoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+
+    def forward(self, x):
+        return F.relu(self.conv(x))
+
+
 FACTORIES = {
+    "mlp_head": MLPHead,
+    "mlp_head_6_7": lambda: MLPHead(6, 7),
+    "two_branch": TwoBranchBN,
+    "frozen_only": FrozenOnly,
+    "no_bn": NoBN,
     "branches": Branches,
     "convnet": ConvNet,
     "checkpointed": CheckpointedNet,
@@ -231,6 +282,10 @@ FACTORIES = {
 
 def factory(name: str):
     """The model factory a spec names: a test model above, or ``zoo:NAME`` (tests/zoo/models.py)."""
+    if name.startswith("random:"):  # tests/random_models.py: the property test's models
+        from tests.random_models import RandomNet
+
+        return lambda: RandomNet(int(name[len("random:"):]))
     if name.startswith("zoo:"):
         from tests.zoo.models import BY_NAME
 

@@ -15,33 +15,6 @@ def _step(model, x, options, backend="bnpass"):
     compiled(x.requires_grad_()).square().sum().backward()
 
 
-def divergent(rank: int, world_size: int, cases: list, timeout_s: float) -> dict:
-    """For each case, each rank compiles what the case says; what the step raised and when."""
-    return {case: _divergent(rank, case, timeout_s) for case in cases}
-
-
-def _divergent(rank: int, case: str, timeout_s: float) -> dict:
-    torch._dynamo.reset()
-    channels, dtype, train = 4, torch.float32, True
-    if case == "channels" and rank == 1:
-        channels = 6
-    if case == "eval" and rank == 1:
-        train = False
-    if case == "dtype" and rank == 1:
-        dtype = torch.bfloat16
-    options = {"agree_timeout_s": timeout_s}
-    if case == "packing" and rank == 1:
-        options["pack_collectives"] = False
-    model = BN2d(channels).train(train)
-    x = torch.randn(3, channels, 4, 4).to(dtype)
-    start = time.monotonic()
-    try:
-        _step(model, x, options)
-        return {"error": None, "elapsed": time.monotonic() - start}
-    except Exception as e:  # noqa: BLE001 - the test reads it
-        return {"error": str(e), "type": type(e).__name__, "elapsed": time.monotonic() - start}
-
-
 def dead_rank(rank: int, world_size: int) -> dict:
     """Both ranks take a step; then rank 1 dies and rank 0 takes another."""
     model = BN2d(4)

@@ -96,27 +96,7 @@ def test_gradient_accumulation(runs, name):
     _totals(runs[name], graphs=None, breaks_outside_bn=DDP_FORWARD)
 
 
-DIVERGENT = {"channels": "C=4", "eval": "eval mode", "dtype": "bfloat16", "packing": "pack_collectives=False"}
-
-
-@pytest.fixture(scope="module")
-def divergent():
-    """Every case in one 2-rank job; a rank waits 5 s for the other's signature."""
-    results = run_ranks("tests.reliability_jobs:divergent", 2, list(DIVERGENT), 5.0)
-    return {case: [r[case] for r in results] for case in DIVERGENT}
-
-
-@pytest.mark.parametrize("case", list(DIVERGENT))
-def test_divergent_ranks_raise_a_bnpass_error_on_every_rank(divergent, case):
-    """Different channels, one rank in eval mode, another input dtype, another packing option
-    (all_reduces of different sizes): each rank raises
-    "bnpass: ranks disagree ..." naming what differs, before any statistic is reduced."""
-    results = divergent[case]
-    for rank, r in enumerate(results):
-        assert r["error"] is not None, f"rank {rank} ran a step with divergent BatchNorms"
-        assert r["error"].startswith("bnpass: ranks disagree"), r["error"]
-        assert r["elapsed"] < 60, r
-    assert DIVERGENT[case] in results[0]["error"] + results[1]["error"]
+# Ranks that diverge (channels, dtype, packing, eval mode, the backward only): tests/test_agreement.py.
 
 
 def test_dead_rank_survivors_raise_within_the_group_timeout():
