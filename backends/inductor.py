@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import re
 from pathlib import Path
 
 import torch
@@ -25,6 +26,7 @@ from torch._inductor.custom_graph_pass import CustomGraphPass
 
 from bnpass.inspect_capture import digest, kernel_info
 from bnpass.agree import AgreeFirst
+from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
 
 __all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
@@ -122,12 +124,48 @@ def agreeing(compiled, record, direction: str, options):
     return AgreeFirst(compiled, record.sequence.get(direction, []), record, direction, options)
 
 
+_ISSUED = re.compile(r"torch\.ops\._c10d_functional\.all_reduce_\.default\((\w+), '(\w+)', '([^']*)'\)")
+
+
+def _numel_of(source: str, buf: str, end: int):
+    """The element count of ``buf`` where the generated wrapper last assigned it before ``end``:
+    a fresh 1-d buffer, a 1-d view of another, or another buffer reused; None if not plain."""
+    assigned = list(re.finditer(rf"^\s*{buf} = (.*)$", source[:end], re.M))
+    if not assigned:
+        return None
+    rhs, at = assigned[-1].group(1), assigned[-1].start()
+    fresh = re.match(r"(?:empty_strided_\w+|reinterpret_tensor)\((?:\w+, )?\((\d+), \)", rhs)
+    if fresh:
+        return int(fresh.group(1))
+    reused = re.match(r"(\w+); del \w+\s+# reuse", rhs)
+    return _numel_of(source, reused.group(1), at) if reused else None
+
+
+def check_generated(source, sequence: list[dict], direction: str) -> None:
+    """The all_reduces Inductor's generated wrapper calls, in its order, are the graph's sequence
+    (the same count, ops, groups and, where the wrapper's buffers say, sizes): no pass of
+    Inductor's merged, dropped or reordered one. Skipped for a wrapper that is not Python
+    (``cpp_wrapper``)."""
+    if not source or "def call(" not in source:
+        return
+    issued = [(m.group(2), m.group(3), _numel_of(source, m.group(1), m.start()))
+              for m in _ISSUED.finditer(source)]
+    planned = [(c["op"], c["group"], c["numel"]) for c in sequence if "all_reduce" in c["target"]]
+    same = len(issued) == len(planned) and all(
+        i[:2] == p[:2] and None in (i[2], p[2]) or i == p for i, p in zip(issued, planned))
+    if not same:
+        raise BNPassError(f"bnpass: Inductor's code for the {direction} graph issues the all_reduces "
+                          f"(op, group, elements) {issued}, not the scheduled {planned}: ranks could "
+                          f"issue different collectives. Report it with the model")
+
+
 def _counting_inner_compile(record, options, gm, example_inputs, **kwargs):
     direction = "backward" if kwargs.get("is_backward") else "forward"
     schedule_and_record(record, gm, direction, options)
     with _provenance_scope():
         compiled = compile_fx_inner(gm, example_inputs, **kwargs)
     record.kernels[direction] = kernel_info(compiled)
+    check_generated(record.kernels[direction]["source"], record.sequence[direction], direction)
     return agreeing(compiled, record, direction, options)
 
 
