@@ -52,6 +52,7 @@ aten = torch.ops.aten
 _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 _SITE_ALL_REDUCE = torch.ops.bnpass.site_all_reduce.default
+_CHECKS = {aten._assert_async.msg, aten._assert_async.default}
 _COLLECTIVE_PREFIX = "_c10d_functional."
 
 
@@ -267,8 +268,8 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
             return 5
         if not overlap:
             return 3
-        if _collective(node):
-            return 1
+        if _collective(node) or node.target in _CHECKS:
+            return 1  # a check of the global count raises before the next collective is issued
         if node.target is _WAIT:
             return 4
         return 2 if node in feeds else 3
