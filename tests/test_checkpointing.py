@@ -1,5 +1,5 @@
 """Activation checkpointing keeps recomputing the region, but not its statistics' collective
-(bnpass/checkpointing.py): the backward graph of CheckpointedNet, on torch's fake group of 2 ranks
+(schedule.save_site_collectives): the backward graph of CheckpointedNet, on torch's fake group of 2 ranks
 in one process. The 2-rank numbers and counts are in tests/test_reliability.py."""
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def test_activation_checkpointing(runs, name):
     """BN inside torch.utils.checkpoint: synced, running statistics updated once per step (eager
     checkpointing updates them twice), and the collectives of the model without checkpointing, one
     per site and direction: the recomputed forward in the backward reads the statistics the
-    forward reduced (bnpass/checkpointing.py) instead of repeating its all_reduce."""
+    forward reduced (schedule.save_site_collectives) instead of repeating its all_reduce."""
     assert_matches_reference(runs[name], BY_NAME[name], TOL)
     assert_counts(runs[name], sites=2, synced=2, forward=2, backward=2)
     for r in runs[name]:
