@@ -2,7 +2,8 @@
 
 Public API: the backend name ``"bnpass"`` and its options (see ``bnpass.options``),
 ``compile_records()`` / ``clear_records()`` (what the pass did), ``create_syncbn_process_group``
-(subgroups made up front, see ``bnpass.groups``), and the ``bnpass`` CLI.
+(subgroups made up front, see ``bnpass.groups``), ``bnpass.lightning.SyncBatchNorm`` (a Lightning
+``LayerSync`` plugin), and the ``bnpass`` CLI.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from ._layout import map_backends_folder
 map_backends_folder()
 
 from .backend import bnpass_backend, bnpass_eager_backend  # noqa: E402
+from . import lightning  # noqa: E402  (bnpass.lightning.SyncBatchNorm; imports Lightning only when used)
 from .groups import create_syncbn_process_group  # noqa: E402
 from .options import BNPassError, Options  # noqa: E402
 from .record import GraphRecord, clear_records, compile_records  # noqa: E402

@@ -5,7 +5,7 @@ VENV="${BNPASS_VENV:-$ROOT/.venv}"
 if [ ! -x "$VENV/bin/python" ]; then
     python3 -m venv "$VENV"
 fi
-if ! "$VENV/bin/python" -c "import bnpass, torchvision, timm, pytest" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import bnpass, torchvision, timm, lightning, accelerate, pytest" 2>/dev/null; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[test]"
 fi
 export PATH="$VENV/bin:$PATH"

@@ -64,13 +64,15 @@ def eager_global(spec, model=None) -> dict:
     return train(spec, model, model, rank=None, float64=False)
 
 
-def assert_matches_reference(per_rank: list[dict], spec, tol: float) -> dict[str, float]:
-    """Judge the ranks' results against float64; returns each quantity's relative error."""
+def assert_matches_reference(per_rank: list[dict], spec, tol: float, eager: dict | None = None) -> dict[str, float]:
+    """Judge the ranks' results against float64; returns each quantity's relative error.
+    ``eager``: the eager run on the global batch to measure eager's own error by, where it is not
+    ``eager_global(spec)`` (autocast, FSDP2's mixed precision)."""
     from tests.training import reference
 
     ref = reference(spec)
     ours = errors_vs_reference(per_rank, ref)
-    eager = errors_vs_reference([eager_global(spec)], ref)
+    eager = errors_vs_reference([eager if eager is not None else eager_global(spec)], ref)
     bad = {}
     for key, (err, scale) in ours.items():
         allowed = max(tol * scale, EAGER_MULTIPLIER * eager[key][0])

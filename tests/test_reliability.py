@@ -29,6 +29,7 @@ SPECS = [
          step_sizes=((3, 5), (4, 5), (2, 6), (5, 2)), backend=EAGER),
 
     Spec("checkpointed", "checkpointed", (3, 2), (3, 5, 5), steps=3, backend=EAGER),
+    Spec("checkpointed_inductor", "checkpointed", (3, 2), (3, 5, 5), steps=3),
     Spec("accumulate", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2),
     Spec("accumulate_ddp_no_sync", "convnet", (3, 2), (3, 5, 5), steps=4, accumulate=2, ddp="outer",
          backend=EAGER),
@@ -80,13 +81,15 @@ def test_automatic_dynamic_recompiles_once_per_rank(runs):
                   unpacked=(4, 4))
 
 
-def test_activation_checkpointing(runs):
+@pytest.mark.parametrize("name", ["checkpointed", "checkpointed_inductor"])
+def test_activation_checkpointing(runs, name):
     """BN inside torch.utils.checkpoint: synced, running statistics updated once per step (eager
-    checkpointing updates them twice), collectives in step: the recomputed forward in the backward
-    repeats its all_reduce on every rank."""
-    assert_matches_reference(runs["checkpointed"], BY_NAME["checkpointed"], TOL)
-    assert_counts(runs["checkpointed"], sites=2, synced=2, forward=2, backward=3)
-    for r in runs["checkpointed"]:
+    checkpointing updates them twice), and the collectives of the model without checkpointing, one
+    per site and direction: the recomputed forward in the backward reads the statistics the
+    forward reduced (schedule.save_site_collectives) instead of repeating its all_reduce."""
+    assert_matches_reference(runs[name], BY_NAME[name], TOL)
+    assert_counts(runs[name], sites=2, synced=2, forward=2, backward=2)
+    for r in runs[name]:
         assert int(r["buffers"]["bn1.num_batches_tracked"]) == 3
 
 
