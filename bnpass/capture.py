@@ -71,16 +71,12 @@ def _one_value_per_channel(input: Tensor) -> bool:
     return isinstance(n, int) and n == 1
 
 
-@torch._dynamo.assume_constant_result
-def _tracing_for_bnpass() -> bool:
-    """True while Dynamo traces a frame whose backend is bnpass (evaluated at trace time)."""
-    from torch._dynamo.symbolic_convert import InstructionTranslator
-
-    tx = InstructionTranslator.current_tx()
-    fn = getattr(getattr(tx, "output", None), "compiler_fn", None)
+def wraps_bnpass(fn) -> bool:
+    """Whether ``fn`` is the bnpass backend or one of Dynamo's wrappers around it (breadth-first
+    through the wrappers; a bound method: its function and its object)."""
     seen = set()
     todo = [fn]
-    while todo:  # breadth-first through the wrappers (a bound method: its function and its object)
+    while todo:
         fn = todo.pop(0)
         if fn is None or id(fn) in seen or len(seen) > 32:
             continue
@@ -89,6 +85,15 @@ def _tracing_for_bnpass() -> bool:
             return True
         todo.extend(getattr(fn, attr, None) for attr in _WRAPPER_ATTRS)
     return False
+
+
+@torch._dynamo.assume_constant_result
+def _tracing_for_bnpass() -> bool:
+    """True while Dynamo traces a frame whose backend is bnpass (evaluated at trace time)."""
+    from torch._dynamo.symbolic_convert import InstructionTranslator
+
+    tx = InstructionTranslator.current_tx()
+    return wraps_bnpass(getattr(getattr(tx, "output", None), "compiler_fn", None))
 
 
 def _group_name(module: nn.SyncBatchNorm) -> str:

@@ -51,19 +51,10 @@ def _plugin_class():
 
 
 def _is_bnpass(callback) -> bool:
-    """Whether a Dynamo context's callback wraps the bnpass backend (see capture.py's walk)."""
-    from .capture import BACKEND_MARK, _WRAPPER_ATTRS
+    """Whether a Dynamo context's callback wraps the bnpass backend."""
+    from .capture import wraps_bnpass
 
-    seen, todo = set(), [callback]
-    while todo:
-        fn = todo.pop(0)
-        if fn is None or id(fn) in seen or len(seen) > 32:
-            continue
-        seen.add(id(fn))
-        if getattr(fn, BACKEND_MARK, False):
-            return True
-        todo.extend(getattr(fn, attr, None) for attr in _WRAPPER_ATTRS)
-    return False
+    return wraps_bnpass(callback)
 
 
 def _make_class(layer_sync):
