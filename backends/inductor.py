@@ -9,7 +9,7 @@ Three things are added to a stock Inductor compile:
 * AOTAutograd's own cache off for these compiles (Inductor's FX graph cache still serves), so that
 * an ``inner_compile`` wrapper always runs, and counts the collectives in the forward and backward graphs that
   AOTAutograd hands to Inductor, into the compile's ``GraphRecord``, and keeps a digest of those
-  graphs and Inductor's generated code for ``bnpass inspect`` (bnpass/inspect_capture.py).
+  graphs and Inductor's generated code for ``bnpass inspect`` (bnpass/inspect/capture.py).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ import torch
 from torch._inductor.compile_fx import compile_fx, compile_fx_inner
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-from bnpass.inspect_capture import digest, kernel_info
 from bnpass.agree import AgreeFirst
+from bnpass.inspect.capture import digest, kernel_info
 from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
 

@@ -1,7 +1,7 @@
-"""``python -m bnpass`` runs the ``bnpass`` command line (bnpass/cli.py)."""
+"""``python -m bnpass`` runs the ``bnpass`` command line (bnpass/inspect/cli.py)."""
 
 import sys
 
-from bnpass.cli import main
+from bnpass.inspect.cli import main
 
 sys.exit(main())

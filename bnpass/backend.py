@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from . import capture
-from .inspect_capture import after_rewrite, snapshot_sites
+from .inspect.capture import after_rewrite, snapshot_sites
 from .options import BNPassError, Options
 from .record import keep, new_record
 from .rewrite import rewrite_sites

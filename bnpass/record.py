@@ -25,13 +25,13 @@ class GraphRecord:
     # direction -> the collectives that graph issues, in order (schedule.collective_sequence):
     # what the ranks agree on before the first one (agree.py).
     sequence: dict = dataclasses.field(default_factory=dict)
-    # For `bnpass inspect` (plain data, see inspect_capture.py). Filled in by the backend around the
+    # For `bnpass inspect` (plain data, see bnpass/inspect/capture.py). Filled in by the backend around the
     # rewrite: site index -> the Dynamo node names of the site (its BN call, the node in its place), and
     # site index -> {"before": lines, "after": lines} of the Dynamo graph around the site.
     site_nodes: dict = dataclasses.field(default_factory=dict)
     snapshots: dict = dataclasses.field(default_factory=dict)
-    # Filled in by the lowering: "forward"/"backward" -> inspect_capture.digest(...) of the graph handed
-    # to Inductor, and -> inspect_capture.kernel_info(...) of what Inductor generated for it.
+    # Filled in by the lowering: "forward"/"backward" -> bnpass.inspect.capture.digest(...) of the graph handed
+    # to Inductor, and -> bnpass.inspect.capture.kernel_info(...) of what Inductor generated for it.
     graphs: dict = dataclasses.field(default_factory=dict)
     kernels: dict = dataclasses.field(default_factory=dict)
 

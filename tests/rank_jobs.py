@@ -148,7 +148,7 @@ def scheduled_graphs(rank: int, world_size: int, model: str, shape: tuple, varia
     step's output and gradients (bnpass/schedule.py; tests/test_schedule.py)."""
     import dataclasses
 
-    from bnpass.inspect_run import fake_world
+    from bnpass.inspect.run import fake_world
     from tests.models import factory
 
     out = {}

@@ -1,7 +1,7 @@
 """``bnpass inspect``: golden JSON for the models of tests/cli_models.py, every format, bad input,
 and the collective counts against a compiled, really-synced 2-rank gloo run of the same models.
 
-Most runs call ``bnpass.cli.main(argv)`` in this process (compiles are shared through the Inductor
+Most runs call ``bnpass.inspect.cli.main(argv)`` in this process (compiles are shared through the Inductor
 cache); the console script and ``python -m bnpass`` run as subprocesses. Golden files are rewritten
 with ``BNPASS_UPDATE_GOLDEN=1`` (then read the diff: they are the reviewed expectations).
 """
@@ -19,11 +19,11 @@ from pathlib import Path
 
 import pytest
 
-from bnpass.cli import main
-from bnpass.inspect_run import InspectArgs, Progress, inspect_model
-from bnpass.render_graph import PHASES, build_graph, render_dot, render_html
-from bnpass.render_json import SCHEMA, render_json
-from bnpass.render_text import render_text
+from bnpass.inspect.cli import main
+from bnpass.inspect.run import InspectArgs, Progress, inspect_model
+from bnpass.inspect.render_graph import PHASES, build_graph, render_dot, render_html
+from bnpass.inspect.render_json import SCHEMA, render_json
+from bnpass.inspect.render_text import render_text
 from tests.harness import run_ranks
 
 REPO = Path(__file__).resolve().parent.parent

@@ -17,7 +17,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import bnpass
-from bnpass.inspect_run import fake_world  # this process as rank 0 of a simulated group
+from bnpass.inspect.run import fake_world  # this process as rank 0 of a simulated group
 from tests.checks import assert_counts, assert_matches_reference
 from tests.harness import RankFailure, run_ranks
 from tests.models import Spec

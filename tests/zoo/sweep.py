@@ -1,7 +1,7 @@
 """The model-zoo sweep: per model, what bnpass does to its training graph (the graph-level columns)
 and whether one synced training step matches float64 on the global batch (the parity column).
 
-Graph level: ``bnpass inspect``'s own run (bnpass/inspect_run.py) on a simulated 2-rank world, with
+Graph level: ``bnpass inspect``'s own run (bnpass/inspect/run.py) on a simulated 2-rank world, with
 the ``bnpass_eager`` backend: the same capture, sites, rewrite and AOTAutograd graphs as ``bnpass``
 (collectives are counted in those graphs), without Inductor's codegen, so all models fit in the
 default test run. Models go to ``WORKERS`` spawned processes; each model has a deadline.
@@ -58,7 +58,7 @@ def graph_row(zoo_model) -> dict:
     """The graph-level columns of one model (a ``ZooModel``), in this process."""
     import torch
 
-    from bnpass.inspect_run import InspectArgs, Progress, inspect_model
+    from bnpass.inspect.run import InspectArgs, Progress, inspect_model
 
     torch.set_num_threads(1)
     row = {c: "" for c in GRAPH_COLUMNS}

@@ -131,8 +131,8 @@ def render(data: dict, fmt: str, site: Optional[int], kernels: bool) -> str:
 
 
 def _inspect(args) -> int:
-    from .inspect_run import CompileError, ForwardError, InspectArgs, Progress, inspect_model
-    from .inspect_target import FactoryError, TargetError
+    from .run import CompileError, ForwardError, InspectArgs, Progress, inspect_model
+    from .target import FactoryError, TargetError
 
     _check(args)
     progress = Progress()

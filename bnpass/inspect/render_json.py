@@ -1,11 +1,11 @@
-"""``bnpass inspect --format json``: the documented, stable schema (see ``SCHEMA`` and bnpass/cli.py)."""
+"""``bnpass inspect --format json``: the documented, stable schema (see ``SCHEMA`` and bnpass/inspect/cli.py)."""
 
 from __future__ import annotations
 
 import json
 from typing import Optional
 
-from .inspect_kernels import kernel_sites, marked_source
+from .kernels import kernel_sites, marked_source
 
 __all__ = ["to_schema", "render_json", "SCHEMA"]
 

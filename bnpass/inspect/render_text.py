@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Optional
 
-from .inspect_kernels import kernel_sites, marked_source
+from .kernels import kernel_sites, marked_source
 
 __all__ = ["render_text", "site_section", "kernels_section"]
 

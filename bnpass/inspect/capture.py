@@ -28,8 +28,8 @@ import torch
 import torch.fx as fx
 from torch.fx.node import _get_qualified_name
 
-from .ops import synced_batch_norm
-from .sites import FOLD, FOLDABLE
+from ..ops import synced_batch_norm
+from ..sites import FOLD, FOLDABLE
 
 __all__ = ["snapshot_sites", "after_rewrite", "digest", "kernel_info", "COLLECTIVES"]
 

@@ -4,7 +4,7 @@ highlighted and labelled by site.
 The picture is of the forward and backward graphs AOTAutograd hands to Inductor (the rewritten
 Dynamo graph after tracing), one node per FX node, built with networkx from the record's digest. Each
 site's nodes are grouped by phase: ``stats``, ``all_reduce``, ``normalize`` in the forward,
-``backward`` (and its ``all_reduce``) in the backward; see bnpass/inspect_capture.py for how a node
+``backward`` (and its ``all_reduce``) in the backward; see bnpass/inspect/capture.py for how a node
 is attributed to a site. ``--site K`` keeps site K's nodes and their direct neighbours.
 
 * dot: every node, a cluster per site holding a cluster per phase; render with graphviz

@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
-from .inspect_target import load_target
+from .target import load_target
 
 __all__ = ["InspectArgs", "ForwardError", "CompileError", "inspect_model", "Progress"]
 
