@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import re
 from pathlib import Path
 
@@ -38,22 +39,23 @@ HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.de
               torch.ops.aten.nonzero.default}
 
 
+def hashed_sources() -> list[Path]:
+    """The sources that shape the compiled code: every module of the pass (bnpass/ and its
+    subpackages, except the inspector's bnpass/inspect/, which only reads what the pass did) and the
+    lowerings (this folder). Found by walking the folders, so a new module is never left out."""
+    package = Path(importlib.util.find_spec("bnpass").submodule_search_locations[0])
+    passes = {p for p in package.rglob("*.py") if p.relative_to(package).parts[0] != "inspect"}
+    return sorted(passes | set(Path(__file__).parent.glob("*.py")))  # installed: backends/ is inside
+
+
 @functools.lru_cache(maxsize=1)
 def source_hash() -> str:
-    """Hash of the sources that shape the compiled code (the pipeline's stages and the lowerings,
-    not the CLI): a new bnpass never reuses an older one's compiled graphs."""
-    import bnpass
-
-    package = Path(bnpass.__file__).parent
-    paths = [package / f"{stage}.py" for stage in _PIPELINE] + sorted(Path(__file__).parent.glob("*.py"))
+    """Hash of ``hashed_sources()``: a new bnpass never reuses an older one's compiled graphs."""
     digest = hashlib.sha256()
-    for path in paths:
+    for path in hashed_sources():
         digest.update(path.name.encode())
         digest.update(path.read_bytes())
     return digest.hexdigest()
-
-
-_PIPELINE = ("capture", "sites", "rewrite", "ops", "options", "backend", "agree", "schedule")
 
 
 class CacheKeyPass(CustomGraphPass):

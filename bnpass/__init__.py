@@ -14,8 +14,9 @@ map_backends_folder()
 
 from .backend import bnpass_backend, bnpass_eager_backend  # noqa: E402
 from . import lightning  # noqa: E402  (bnpass.lightning.SyncBatchNorm; imports Lightning only when used)
+from .errors import BNPassError  # noqa: E402
 from .groups import create_syncbn_process_group  # noqa: E402
-from .options import BNPassError, Options  # noqa: E402
+from .options import Options  # noqa: E402
 from .record import GraphRecord, clear_records, compile_records  # noqa: E402
 from .sites import Site  # noqa: E402
 

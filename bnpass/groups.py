@@ -36,8 +36,8 @@ from typing import Optional
 
 import torch.distributed as dist
 
+from .errors import BNPassError
 from .meet import Deadlock, post_and_wait
-from .options import BNPassError
 
 __all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe"]
 

@@ -7,14 +7,10 @@ from typing import Any, Optional
 
 import torch.distributed as dist
 
+from .errors import BNPassError
+from .groups import check_group_size, group_of_size
+
 __all__ = ["Options", "BNPassError", "GroupChoice"]
-
-
-class BNPassError(RuntimeError):
-    """A bnpass error; the message starts with "bnpass:" and says how to fix it."""
-
-    def __init__(self, message: str):
-        super().__init__(message if message.startswith("bnpass:") else f"bnpass: {message}")
 
 
 _DOC = {
@@ -87,8 +83,6 @@ class Options:
                               f"{type(opts.process_group).__name__}; create one with "
                               "torch.distributed.new_group(...)")
         if opts.group_size is not None:
-            from .groups import check_group_size
-
             check_group_size(opts.group_size)
             if opts.process_group is not None:
                 raise BNPassError(
@@ -115,8 +109,6 @@ class Options:
 
     def _subgroup(self, initialised: bool) -> GroupChoice:
         """``group_size``: this rank's group of consecutive ranks, made or reused (bnpass.groups)."""
-        from .groups import group_of_size
-
         if not initialised:
             raise BNPassError(f"option group_size={self.group_size} was given but torch.distributed "
                               "is not initialised; call torch.distributed.init_process_group() first "
