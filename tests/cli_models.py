@@ -1,4 +1,4 @@
-"""Tiny models for the ``bnpass inspect`` tests (tests/test_cli.py), and the 2-rank job that compiles
+"""Tiny models for the ``bnpass inspect`` tests (tests/test_inspect_*.py), and the 2-rank job that compiles
 the same models for real to check the CLI's collective counts.
 
 Factories take no arguments (TARGET ``tests/cli_models.py:NAME`` or ``tests.cli_models:NAME``).
