@@ -2,6 +2,12 @@
 
 Each rank: one torch thread, gloo over a file:// store in a temp dir, a process-group timeout, the
 shared Inductor cache. Its return value is saved with torch.save and handed back to the caller.
+
+Ranks are fresh processes forked from a server process that imported torch, Dynamo, Inductor,
+bnpass and the test jobs once (multiprocessing's "forkserver" with a preload): importing those
+costs about 10 s of CPU per process, paid once per test session instead of once per rank per job.
+Nothing runs in the server but the imports, so each rank starts as clean as a spawned one. The
+server keeps the environment it started with; a job's ``env`` is applied in the rank.
 """
 
 from __future__ import annotations
@@ -17,9 +23,21 @@ from pathlib import Path
 import torch
 import torch.multiprocessing as mp
 
-__all__ = ["run_ranks", "RankFailure"]
+__all__ = ["run_ranks", "RankFailure", "fork_context"]
 
 DEFAULT_DEADLINE_S = float(os.environ.get("BNPASS_TEST_DEADLINE_S", 900))
+# Imported once by the fork server (a module missing here is skipped by multiprocessing).
+PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx", "networkx",
+           "bnpass", "bnpass.backends.inductor", "bnpass.backends.eager", "bnpass.inspect.run",
+           "torchvision", "timm", "tests.harness", "tests.rank_jobs", "tests.reliability_jobs",
+           "tests.subgroup_jobs", "tests.cli_models", "tests.zoo.models", "tests.zoo.sweep"]
+
+
+def fork_context():
+    """The "forkserver" context, its server preloading ``PRELOAD`` (set before it first starts)."""
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(PRELOAD)
+    return ctx
 
 
 class RankFailure(AssertionError):
@@ -62,11 +80,13 @@ def run_ranks(target: str, world_size: int, *args, deadline_s: float = DEFAULT_D
     makes its rank exit right after reporting (no process-group teardown). Raises RankFailure naming the ranks that
     raised (with their tracebacks), died without a word, or missed the deadline.
     """
-    ctx = mp.get_context("spawn")
+    ctx = fork_context()
     nprocs = max(world_size, 1)
     with tempfile.TemporaryDirectory(prefix="bnpass-ranks-") as tmp:
         store = os.path.join(tmp, "store")
-        env = {"PYTHONUNBUFFERED": "1", **(env or {})}
+        # TORCH_WARM_POOL=0: stock backend="inductor" would start a pool of Triton compile workers
+        # (fresh interpreters importing torch) in every rank; C++ kernels do not use it.
+        env = {"PYTHONUNBUFFERED": "1", "TORCH_WARM_POOL": "0", **(env or {})}
         procs = [ctx.Process(target=_entry, args=(r, world_size, store, tmp, target, args,
                                                    pg_timeout_s, env, backend), daemon=True)
                  for r in range(nprocs)]

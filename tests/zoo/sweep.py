@@ -4,7 +4,8 @@ and whether one synced training step matches float64 on the global batch (the pa
 Graph level: ``bnpass inspect``'s own run (bnpass/inspect/run.py) on a simulated 2-rank world, with
 the ``bnpass_eager`` backend: the same capture, sites, rewrite and AOTAutograd graphs as ``bnpass``
 (collectives are counted in those graphs), without Inductor's codegen, so all models fit in the
-default test run. Models go to ``WORKERS`` spawned processes; each model has a deadline.
+default test run. Models go to ``WORKERS`` processes (forked from tests/harness.py's preloaded
+server); each model has a deadline.
 
 Parity: tests/zoo/parity.py, on real gloo ranks under Inductor.
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import concurrent.futures as futures
 import io
-import multiprocessing
 import os
 import sys
 import time
@@ -94,8 +94,9 @@ def graph_rows(names: list[str], workers: int = WORKERS, deadline_s: float = MOD
                progress: bool = False) -> list[dict]:
     """Graph-level rows of ``names`` (in that order), computed in ``workers`` processes. A model past
     its share of the deadline fails the sweep, naming the model (a hang is a bug)."""
-    ctx = multiprocessing.get_context("spawn")
-    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=ctx)
+    from tests.harness import fork_context  # workers forked from the preloaded server
+
+    pool = futures.ProcessPoolExecutor(max_workers=workers, mp_context=fork_context())
     try:
         jobs = {name: pool.submit(_graph_row_by_name, name) for name in names}
         # Each worker runs its models one after another: the last one finishes within its share.
