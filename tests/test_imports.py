@@ -155,6 +155,7 @@ _EACH_ALONE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # about 40 s of CPU: a bnpass import per module; the ast checks above are the default
 @pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs os.fork")
 def test_each_module_imports_first_on_its_own():
     names = sorted(set(_modules()) - {"bnpass.__main__"})  # a script: it runs the command line
