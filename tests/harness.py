@@ -30,7 +30,8 @@ DEFAULT_DEADLINE_S = float(os.environ.get("BNPASS_TEST_DEADLINE_S", 900))
 PRELOAD = ["torch", "torch.distributed", "torch._dynamo", "torch._inductor.compile_fx", "networkx",
            "bnpass", "bnpass.backends.inductor", "bnpass.backends.eager", "bnpass.inspect.run",
            "torchvision", "timm", "tests.harness", "tests.rank_jobs", "tests.reliability_jobs",
-           "tests.subgroup_jobs", "tests.cli_models", "tests.zoo.models", "tests.zoo.sweep"]
+           "tests.subgroup_jobs", "tests.agreement_jobs", "tests.cli_models", "tests.zoo.models",
+           "tests.zoo.sweep"]
 
 
 def fork_context():
