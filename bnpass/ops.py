@@ -15,9 +15,12 @@ Forward (one all_reduce, 2C+1 float64 values):
     y = xhat * w + b
 
 Backward (one all_reduce, 2C float32 values; none when x needs no gradient, e.g. a BN on the input):
-    local:   [sum(dy), sum(dy * (x - mean))]              summed over ranks
-    dx = w * invstd * (dy - sum(dy)/N - xhat * invstd * sum(dy*(x-mean))/N)
+    local:   [sum(dy), sum(dy * xhat)] = [db, dw]         summed over ranks (invstd is global, so
+                                                          the sum of the dw_r is sum(dy*xhat) of all)
+    dx = w * invstd * (dy - sum(dy)/N - xhat * sum(dy*xhat)/N)
     dw = local sum(dy * xhat), db = local sum(dy)         (as nn.SyncBatchNorm: DDP averages them)
+The payload is this rank's weight and bias gradients themselves: they are made by the reduction's
+kernel (under Inductor), not by a kernel of their own after the collective.
 
 Running statistics are updated outside the autograd.Function (see ``synced_batch_norm``): an in-place
 update inside it is an autograd trap under Inductor (shared/FACTS.md).
@@ -145,6 +148,16 @@ def global_grad_terms(local: Tensor, total: Tensor, invstd: Tensor,
     return mean_dy, coef
 
 
+def global_grad_means(local: Tensor, total: Tensor, group_name: Optional[str],
+                      site: int = -1) -> tuple[Tensor, Tensor]:
+    """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*xhat] (2C float32), and
+    the per-channel terms of dx = scale*(dy - mean_dy - xhat*mean_dy_xhat)."""
+    channels = local.shape[0] // 2
+    summed = _all_reduce_sum(local, group_name, site, "backward")  # crosses ranks
+    total32 = total.float()
+    return summed[:channels] / total32, summed[channels:] / total32
+
+
 class SyncedBatchNormFunction(torch.autograd.Function):
     """y = BN(x) with statistics over the whole process group. Pure: touches no buffer."""
 
@@ -173,16 +186,16 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         channels = x.shape[1]
         dims = _reduce_dims(x)
         dyf = dy.float()
-        xmu = _centered(x.float(), mean_hi, mean_lo)
-        local = torch.cat([dyf.sum(dims), (dyf * xmu).sum(dims)])
+        xhat = _centered(x.float(), mean_hi, mean_lo) * _per_channel(invstd, x)
+        local = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])  # [db, dw] of this rank
+        dw = local[channels:].to(weight.dtype) if ctx.needs_input_grad[1] else None
+        db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
-            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name, ctx.site)
+            mean_dy, mean_dy_xhat = global_grad_means(local, total, ctx.group_name, ctx.site)
             scale = invstd if weight is None else invstd * weight.float()
-            dx = ((dyf - _per_channel(mean_dy, x) - xmu * _per_channel(coef, x))
+            dx = ((dyf - _per_channel(mean_dy, x) - xhat * _per_channel(mean_dy_xhat, x))
                   * _per_channel(scale, x)).to(x.dtype)
-        dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
-        db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None
 
 

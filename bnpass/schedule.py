@@ -21,9 +21,10 @@ lowering sees it, under Inductor and ``bnpass_eager`` alike. Three steps, each o
    weight's gradient becomes two calls, one per gradient: the weight's gradient does not feed the
    BatchNorm backward before it, so it can run while that BatchNorm's collective is in flight.
 3. **Order** (``overlap``). A stable topological re-sort of the graph that takes, of the nodes
-   ready to run, first a collective, then the work a collective needs, then any other work (a
-   convolution's weight gradient, running-statistics updates), and a wait only when nothing else
-   can run; ties keep the graph's order. So each collective is issued as soon as its payload is
+   ready to run, first a collective or fusable work that feeds none (running-statistics updates:
+   they stay in the kernel of what they read), then the work a collective needs, then work that
+   Inductor does not fuse and no collective needs (a convolution's weight gradient, a matmul),
+   and a wait only when nothing else can run; ties keep the graph's order. So each collective is issued as soon as its payload is
    ready, and waited for as late as possible. The collectives' own order is kept. Inductor runs
    kernels in this order once its peak-memory reordering, which would undo it, is off: the
    lowering turns it off in compiles with ``overlap`` (``inductor_config`` can turn it back on).
@@ -207,6 +208,22 @@ def _split_conv_backwards(gm: fx.GraphModule, report: ScheduleReport, fake_mode)
         report.split_conv_backwards += 1
 
 
+# The work worth running while a collective is in flight: calls Inductor does not fuse. Fusable
+# work that feeds no collective (running-statistics updates and their copy_ into the buffers,
+# num_batches_tracked += 1) runs as soon as it is ready, beside the kernels it fuses with: between
+# an all_reduce and its wait it would be a kernel of its own per collective (on the CPU every
+# extern call, the all_reduce and the wait too, ends Inductor's C++ kernel; on CUDA one launch).
+_OVERLAP_WORK = {aten.convolution_backward.default, aten.convolution.default, aten.mm.default,
+                 aten.addmm.default, aten.bmm.default}
+
+
+def _input_copy(node: fx.Node) -> bool:
+    """``copy_(input, value)``: AOTAutograd's write-back of a mutated input (running statistics,
+    num_batches_tracked), at the end of the traced graph."""
+    return node.op == "call_function" and node.target is aten.copy_.default \
+        and node.args[0].op == "placeholder"
+
+
 def _collective(node: fx.Node) -> bool:
     return node.op == "call_function" and str(node.target).startswith(_COLLECTIVE_PREFIX) \
         and node.target is not _WAIT
@@ -259,6 +276,10 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
     order a plain stable sort gives them, the same on every rank."""
     nodes = list(gm.graph.nodes)
     deps = {n: set(n.all_input_nodes) for n in nodes}
+    position = {n: i for i, n in enumerate(nodes)}
+    for node in nodes:  # an input's copy_ comes after every earlier reader of the input's old value
+        if _input_copy(node):
+            deps[node] |= {u for u in node.args[0].users if position[u] < position[node]}
     feeds = _ancestors([n for n in nodes if _collective(n)])
 
     def kind(node: fx.Node, overlap: bool) -> int:
@@ -272,7 +293,11 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
             return 1  # a check of the global count raises before the next collective is issued
         if node.target is _WAIT:
             return 4
-        return 2 if node in feeds else 3
+        if node in feeds:
+            return 2
+        # work that feeds no collective: a call Inductor does not fuse runs while one is in
+        # flight; fusable work runs as soon as it is ready, in the kernel of what it reads
+        return 3 if node.target in _OVERLAP_WORK else 1
 
     plain = _kahn(nodes, deps, lambda n: kind(n, False))
     collectives = [n for n in plain if _collective(n)]
@@ -288,10 +313,12 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
 
 
 def schedule_collectives(gm: fx.GraphModule, direction: str = "forward", levels: Optional[dict] = None,
-                         pack: bool = True, overlap: bool = True) -> ScheduleReport:
+                         pack: bool = True, overlap: bool = True, split: bool = True) -> ScheduleReport:
     """Lower the site collectives (packed with ``pack``), split and reorder ``gm`` in place (see the
     module doc); returns what was done. ``direction``: "forward" or "backward", the graph's;
-    ``levels``: {site index: {"forward": level, "backward": level}} (bnpass/sites.py)."""
+    ``levels``: {site index: {"forward": level, "backward": level}} (bnpass/sites.py).
+    ``split=False`` keeps convolution backwards whole under ``overlap`` (the lowering decides it
+    per device: backends/inductor.py)."""
     report = ScheduleReport()
     sites = _site_collectives(gm.graph)
     report.collectives_before = len(sites) + len(_reductions(gm.graph))
@@ -301,7 +328,7 @@ def schedule_collectives(gm: fx.GraphModule, direction: str = "forward", levels:
     fake_mode = _fake_mode(gm)
     if sites:
         _lower_site_collectives(gm, direction, levels or {}, pack, report, fake_mode)
-    if overlap:
+    if overlap and split:
         _split_conv_backwards(gm, report, fake_mode)
     if report.packed or overlap:
         _reorder(gm, report, overlap)
