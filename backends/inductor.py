@@ -1,8 +1,11 @@
 """Lower: hand the rewritten Dynamo graph to Inductor (``compile_fx``), keyed apart from stock graphs.
 
-Three things are added to a stock Inductor compile:
+What is added to a stock Inductor compile:
 * bnpass's schedule of the collectives (bnpass/schedule.py: packing, overlap) on the graphs
-  AOTAutograd hands to Inductor;
+  AOTAutograd hands to Inductor, with the convolution-backward split only where it pays
+  (``split_conv_backwards``);
+* a per-device Inductor configuration chosen by measurement (``device_inductor_config``), under
+  the user's ``inductor_config``;
 * a ``post_grad_custom_post_pass`` that does nothing but carry a uuid (bnpass's source and the
   options that change code), so that neither AOTAutograd's nor Inductor's FX graph cache can serve
   a stock graph, or one from another bnpass version or options, to this compile (shared/FACTS.md);
@@ -109,7 +112,7 @@ def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, option
     record, with the sequence the ranks agree on, and keep its digest for ``bnpass inspect``."""
     levels = {site.index: site.levels for site in record.sites}
     report = schedule_collectives(gm, direction, levels, pack=options.pack_collectives,
-                                  overlap=options.overlap)
+                                  overlap=options.overlap, split=split_conv_backwards(graph_device(gm)))
     record.collectives_unpacked[direction] += report.collectives_before
     record.schedules[direction] = report
     record.sequence[direction] = collective_sequence(gm)
@@ -161,6 +164,32 @@ def check_generated(source, sequence: list[dict], direction: str) -> None:
                           f"issue different collectives. Report it with the model")
 
 
+def graph_device(gm: torch.fx.GraphModule) -> str:
+    """"cuda" when a tensor the graph takes is on a CUDA device, else "cpu"."""
+    for node in gm.graph.find_nodes(op="placeholder"):
+        val = node.meta.get("val")
+        if isinstance(val, torch.Tensor) and val.device.type == "cuda":
+            return "cuda"
+    return "cpu"
+
+
+def split_conv_backwards(device: str) -> bool:
+    """Whether the schedule splits convolution backwards in two (so that a weight gradient runs
+    while a BatchNorm's collective is in flight), per device, as measured (benchmarks/RESULTS.md,
+    "Lowering per device"): on CUDA each extra convolution call costs ~100 us of host time (H200
+    profile); on the CPU it gained ~2 % of a synced resnet18 step on 2 gloo ranks (issue 16's
+    figure; rerun: benchmarks/cpu_resnet18.py --variants inductor,bnpass,bnpass-nosplit)."""
+    return device != "cuda"
+
+
+def device_inductor_config(device: str) -> dict:
+    """bnpass's Inductor configuration for graphs on ``device``, before the user's
+    ``inductor_config`` (which wins). CPU: no layout optimization (Inductor's channels_last for
+    convolutions made resnet18's training step 1.6x slower on this machine's CPU: shared/FACTS.md,
+    benchmarks/RESULTS.md "Lowering per device")."""
+    return {"layout_optimization": False} if device == "cpu" else {}
+
+
 def _counting_inner_compile(record, options, gm, example_inputs, **kwargs):
     direction = "backward" if kwargs.get("is_backward") else "forward"
     schedule_and_record(record, gm, direction, options)
@@ -187,7 +216,8 @@ def _provenance_scope():
 
 def lower(gm, example_inputs, options, record):
     """Compile the rewritten graph with Inductor; returns Inductor's compiled callable."""
-    patches = {}
+    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
+    patches = device_inductor_config("cuda" if "cuda" in devices else "cpu")
     if options.mode is not None:
         patches.update(torch._inductor.list_mode_options(options.mode))
     # Inductor's peak-memory reordering would undo bnpass's schedule, and may move collectives that

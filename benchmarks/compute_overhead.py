@@ -3,12 +3,18 @@ fake process group of 2 ranks (bnpass emits its collectives, which complete at o
 data), stock inductor vs bnpass, interleaved in rounds; no DDP. The difference from the 2-rank gloo
 benchmark (cpu_resnet18.py) is what the collectives cost.
 
-    python benchmarks/compute_overhead.py [--rounds 5 --steps 5]
+    python benchmarks/compute_overhead.py [--rounds 5 --steps 5] [--variants inductor,bnpass]
+
+Variants: inductor, bnpass (each with its defaults: bnpass turns Inductor's layout optimization off
+on the CPU, backends/inductor.py), and for that choice inductor-nolayout (stock Inductor with
+layout_optimization=False) and bnpass-layout (bnpass with layout_optimization=True, Inductor's
+default).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -18,11 +24,23 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 
+VARIANTS = {
+    "inductor": ("inductor", None),
+    "bnpass": ("bnpass", None),
+    "inductor-nolayout": ("inductor", {"layout_optimization": False}),
+    "bnpass-layout": ("bnpass", {"inductor_config": {"layout_optimization": True}}),
+}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--variants", default="inductor,bnpass", help=", ".join(VARIANTS))
     args = parser.parse_args(argv)
+    variants = args.variants.split(",")
+    if set(variants) - set(VARIANTS) or "inductor" not in variants or len(variants) < 2:
+        parser.error(f"--variants: two or more of {', '.join(VARIANTS)}, inductor among them")
     import torchvision
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
@@ -33,12 +51,13 @@ def main(argv=None) -> int:
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     x, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
     runs, times = {}, {}
-    for backend in ("inductor", "bnpass"):
+    for variant in variants:
         torch.manual_seed(0)
         model = torchvision.models.resnet18(num_classes=10)
-        compiled = torch.compile(model, backend=backend)
+        backend, options = VARIANTS[variant]
+        compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        runs[backend] = (compiled, opt)
+        runs[variant] = (compiled, opt)
         for _ in range(2):  # compile, then settle
             F.cross_entropy(compiled(x), labels).backward()
             opt.step()
@@ -53,9 +72,10 @@ def main(argv=None) -> int:
             times.setdefault(backend, []).append((time.perf_counter() - start) / args.steps * 1e3)
     median = {b: statistics.median(t) for b, t in times.items()}
     print(f"resnet18 64x64 batch 8, one process, fake group of 2, 1 thread; median of {args.rounds} "
-          f"rounds x {args.steps} steps: inductor {median['inductor']:.1f} ms, bnpass "
-          f"{median['bnpass']:.1f} ms, ratio {median['bnpass'] / median['inductor']:.3f}. Rounds (ms): "
-          + "; ".join(f"{b} " + " ".join(f"{t:.0f}" for t in ts) for b, ts in times.items()))
+          f"rounds x {args.steps} steps (load average {os.getloadavg()[0]:.1f}): "
+          + ", ".join(f"{v} {median[v]:.1f} ms ({median[v] / median['inductor']:.3f} x inductor)"
+                      for v in variants)
+          + ". Rounds (ms): " + "; ".join(f"{b} " + " ".join(f"{t:.0f}" for t in ts) for b, ts in times.items()))
     dist.destroy_process_group()
     return 0
 

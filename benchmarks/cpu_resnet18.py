@@ -11,6 +11,7 @@ the mean step time of a round, on rank 0.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import platform
 import statistics
@@ -29,7 +30,10 @@ VARIANTS = ("eager", "inductor", "bnpass")
 # so that they do not queue behind DDP's gradient buckets on the default group.
 # bnpass-unscheduled: one all_reduce per BatchNorm per direction, in traced order, each waited for at
 # once (options pack_collectives=False, overlap=False: bnpass before its schedule, bnpass/schedule.py).
-EXTRA_VARIANTS = ("bnpass-group", "bnpass-unscheduled")
+# bnpass-nosplit: convolution backwards kept whole (bnpass splits them on the CPU so that a weight
+# gradient runs while a collective is in flight: backends/inductor.py split_conv_backwards).
+# bnpass-layout: Inductor's layout optimization on (bnpass turns it off on the CPU).
+EXTRA_VARIANTS = ("bnpass-group", "bnpass-unscheduled", "bnpass-nosplit", "bnpass-layout")
 
 
 def build(variant: str, stats_group=None):
@@ -44,7 +48,27 @@ def build(variant: str, stats_group=None):
     if variant == "bnpass-unscheduled":
         return model, torch.compile(model, backend="bnpass",
                                     options={"pack_collectives": False, "overlap": False})
+    if variant == "bnpass-layout":
+        return model, torch.compile(model, backend="bnpass",
+                                    options={"inductor_config": {"layout_optimization": True}})
+    if variant == "bnpass-nosplit":
+        return model, torch.compile(model, backend="bnpass")
     return model, torch.compile(model, backend=variant)
+
+
+@contextlib.contextmanager
+def compiling(variant: str):
+    """Around a variant's first steps (its compile): bnpass-nosplit's schedule keeps convolution
+    backwards whole."""
+    import bnpass.backends.inductor as lowering
+
+    keep = lowering.split_conv_backwards
+    if variant == "bnpass-nosplit":
+        lowering.split_conv_backwards = lambda device: False
+    try:
+        yield
+    finally:
+        lowering.split_conv_backwards = keep
 
 
 def step(model, compiled, opt, images, labels):
@@ -71,8 +95,9 @@ def rank_main(rank, world, store, args, queue):
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         start = time.perf_counter()
         seen = len(bnpass.compile_records())
-        for _ in range(2):  # the first step compiles; the second settles allocations
-            step(model, compiled, opt, images, labels)
+        with compiling(variant):
+            for _ in range(2):  # the first step compiles; the second settles allocations
+                step(model, compiled, opt, images, labels)
         compile_s[variant] = time.perf_counter() - start
         records[variant] = bnpass.compile_records()[seen:]
         runs[variant] = (model, compiled, opt)

@@ -1,0 +1,167 @@
+"""Cold compile: the first training step of stock Inductor and of bnpass, side by side, each in a
+fresh process with a fresh Inductor cache directory, one process on torch's fake process group of
+2 ranks (bnpass emits its collectives, which complete at once), 1 thread, 64x64 images, batch 8.
+
+    python benchmarks/cold_compile.py [--models resnet18,densenet121] [--repeats 1] [--out FILE]
+
+Per run: the step's wall time and where it went, from torch's own compile timers
+(``torch._dynamo.utils.compilation_time_metrics``) and bnpass's stages timed here:
+  dynamo     Dynamo's bytecode tracing and guards (the frame compile minus the backend)
+  pass       bnpass: find the sites, rewrite them, snapshot them for the record
+  schedule   bnpass: pack, split and reorder the collectives (bnpass/schedule.py)
+  aot        AOTAutograd: joint graph, its passes, the partition (forward compile minus Inductor)
+  lowering   Inductor, forward and backward: post-grad passes, lowering, scheduling, codegen
+             (its compile minus the wait for C++ builds)
+  cpp_wait   time spent waiting for the C++ builds (they run in Inductor's worker processes)
+  kernels    C++ kernels built (shared objects in the fresh cache directory)
+The runs alternate stock / bnpass per model, so a change in the machine's load hits both; the load
+average before each run is printed with it (figures on a loaded machine are provisional).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BACKENDS = ("inductor", "bnpass")
+COLUMNS = ("step_s", "dynamo_s", "pass_s", "schedule_s", "aot_s", "lowering_s", "cpp_wait_s", "kernels")
+
+
+def _timed(module, name: str, totals: dict, key: str) -> None:
+    """Replace ``module.name`` by a wrapper adding its wall time to ``totals[key]``."""
+    inner = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+
+    setattr(module, name, wrapper)
+
+
+def child(model_name: str, backend: str) -> dict:
+    """One cold first training step in this (fresh) process; the breakdown as a dict."""
+    import torch
+    import torch.distributed as dist
+    import torch.nn.functional as F
+    import torchvision
+    from torch._dynamo.utils import compilation_time_metrics
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    import bnpass
+    import bnpass.backend as stages
+    import bnpass.backends.inductor as lowering
+
+    bnpass.register()
+    ours: dict = {}
+    for name in ("find_sites", "rewrite_sites", "snapshot_sites", "after_rewrite"):
+        _timed(stages, name, ours, "pass_s")
+    _timed(lowering, "schedule_collectives", ours, "schedule_s")
+    torch.set_num_threads(1)
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
+    torch.manual_seed(0)
+    model = getattr(torchvision.models, model_name)(num_classes=10)
+    x, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
+    compiled = torch.compile(model, backend=backend)
+    start = time.perf_counter()
+    F.cross_entropy(compiled(x), labels).backward()
+    step = time.perf_counter() - start
+    dist.destroy_process_group()
+
+    def metric(name: str) -> float:
+        return float(sum(compilation_time_metrics.get(name, [])))
+
+    frame = metric("_compile.compile_inner")
+    backend_s = metric("OutputGraph.call_user_compiler")
+    inductor = metric("fx_codegen_and_compile")
+    cpp_wait = metric("async_compile.wait")
+    forward_inner = metric("compile_fx.<locals>.fw_compiler_base")
+    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
+    return {
+        "step_s": step,
+        "dynamo_s": frame - backend_s,
+        "pass_s": ours.get("pass_s", 0.0),
+        "schedule_s": ours.get("schedule_s", 0.0),
+        "aot_s": metric("create_aot_dispatcher_function") - forward_inner,
+        "lowering_s": inductor - cpp_wait,
+        "cpp_wait_s": cpp_wait,
+        "kernels": sum(1 for _ in cache.rglob("*.so")),
+    }
+
+
+def run_child(model: str, backend: str) -> dict:
+    with tempfile.TemporaryDirectory(prefix="bnpass-cold-") as cache:
+        env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
+               "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
+        load = os.getloadavg()[0]
+        proc = subprocess.run([sys.executable, __file__, "--child", model, backend], env=env,
+                              capture_output=True, text=True, timeout=3600)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{model} {backend} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["load"] = load
+    return result
+
+
+def table(results: list[dict]) -> str:
+    head = ["model", "backend", "load"] + list(COLUMNS)
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        cells = [r["model"], r["backend"], f"{r['load']:.1f}"]
+        cells += [str(r[c]) if c == "kernels" else f"{r[c]:.1f}" for c in COLUMNS]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def ratios(results: list[dict]) -> str:
+    out = []
+    for model in dict.fromkeys(r["model"] for r in results):
+        step = {b: sorted(r["step_s"] for r in results if r["model"] == model and r["backend"] == b)
+                for b in BACKENDS}
+        med = {b: s[len(s) // 2] for b, s in step.items() if s}
+        if len(med) == 2:
+            out.append(f"{model}: bnpass / inductor = {med['bnpass'] / med['inductor']:.2f} "
+                       f"(median first step {med['bnpass']:.1f} s / {med['inductor']:.1f} s; target <= 1.15)")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="resnet18,densenet121")
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", help="append the table to this markdown file")
+    parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.child:
+        print(json.dumps(child(*args.child)))
+        return 0
+    results = []
+    for model in args.models.split(","):
+        for repeat in range(args.repeats):
+            order = BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]
+            for backend in order:
+                result = {"model": model, "backend": backend, **run_child(model, backend)}
+                results.append(result)
+                print(f"{model} {backend}: " + ", ".join(
+                    f"{c} {result[c]:.1f}" if c != "kernels" else f"kernels {result[c]}" for c in COLUMNS)
+                    + f" (load {result['load']:.1f})", flush=True)
+    text = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `python benchmarks/cold_compile.py "
+            f"--models {args.models} --repeats {args.repeats}`\n\n{table(results)}\n\n{ratios(results)}\n")
+    print(text)
+    if args.out:
+        with open(args.out, "a") as f:
+            f.write("\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
