@@ -241,6 +241,18 @@ def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
     return seen
 
 
+def _descendants(sources: list[fx.Node]) -> set[fx.Node]:
+    """Every node that depends on some node of ``sources``."""
+    seen: set[fx.Node] = set()
+    stack = [user for s in sources for user in s.users]
+    while stack:
+        node = stack.pop()
+        if node not in seen:
+            seen.add(node)
+            stack.extend(node.users)
+    return seen
+
+
 def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:
     """Topological order of ``nodes`` under ``deps``, taking the ready node of the smallest
     ``key(node)``, ties by position in ``nodes``."""
@@ -281,6 +293,19 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
         if _input_copy(node):
             deps[node] |= {u for u in node.args[0].users if position[u] < position[node]}
     feeds = _ancestors([n for n in nodes if _collective(n)])
+    if overlap:
+        # Fusable work that neither needs nor feeds a collective (num_batches_tracked += 1) keeps
+        # its place after the node before it: taken as soon as it is ready, it would run first, or
+        # alone between an all_reduce and its wait, a kernel of its own either way.
+        after = _descendants([n for n in nodes if _collective(n)])
+        previous = None
+        for node in nodes:
+            if (previous is not None and node.op == "call_function" and node not in feeds
+                    and node not in after and node.target not in _OVERLAP_WORK
+                    and not _input_copy(node)):
+                deps[node].add(previous)
+            if node.op != "placeholder":
+                previous = node
 
     def kind(node: fx.Node, overlap: bool) -> int:
         if node.op == "placeholder":
