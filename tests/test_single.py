@@ -78,12 +78,11 @@ def _fused_kernels(code: str) -> set[str]:
 
 def test_inductor_fuses_bn_with_its_neighbours():
     """Forward: normalize + residual add + ReLU in one kernel after the statistics kernel.
-    Backward: ReLU's backward fused into the [sum dy, sum dy*(x-mean)] reduction. Checked without
+    Backward: ReLU's backward fused into the [sum dy, sum dy*xhat] reduction. Checked without
     bnpass's overlap and with Inductor's peak-memory reordering on, as in a stock compile (the
     fusion is Inductor's); with bnpass's defaults (overlap, no peak-memory reordering: it could
-    reorder collectives), the same fused kernels, and at most one more per direction: the
-    per-channel work (weight and bias gradients, ``num_batches_tracked += 1``) that runs while the
-    collective is in flight (bnpass/schedule.py)."""
+    reorder collectives), the same fused kernels, and at most one more per direction (the exact
+    count per site against stock Inductor is tests/test_kernels.py's)."""
     plain, = run_ranks("tests.rank_jobs:generated_code", 0,
                        {"overlap": False, "inductor_config": {"reorder_for_peak_memory": True}})
     default, = run_ranks("tests.rank_jobs:generated_code", 0)
