@@ -177,7 +177,7 @@ def _meet(ranks: list[int], parent: dist.ProcessGroup, timeout_s: float, what: s
     store = dist.distributed_c10d._get_default_store()
     problems = []
     for r in ranks:
-        if store.check([f"{prefix}/{count}/{r}"]):
+        if r == rank or store.check([f"{prefix}/{count}/{r}"]):
             continue
         if store.check([f"{prefix}/latest/{r}"]):
             problems.append(
