@@ -285,7 +285,8 @@ def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:
 def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
     """A stable topological re-sort (packing leaves the graph out of order). With ``overlap``,
     ready nodes are taken collectives first and waits last; either way the collectives keep the
-    order a plain stable sort gives them, the same on every rank."""
+    order a plain stable sort gives them: the graph's own order (every added dependency points to
+    an earlier node), which is the traced order, the same on every rank."""
     nodes = list(gm.graph.nodes)
     deps = {n: set(n.all_input_nodes) for n in nodes}
     position = {n: i for i, n in enumerate(nodes)}
@@ -297,11 +298,11 @@ def _reorder(gm: fx.GraphModule, report: ScheduleReport, overlap: bool) -> None:
         # Fusable work that neither needs nor feeds a collective (num_batches_tracked += 1) keeps
         # its place after the node before it: taken as soon as it is ready, it would run first, or
         # alone between an all_reduce and its wait, a kernel of its own either way.
-        after = _descendants([n for n in nodes if _collective(n)])
+        downstream = _descendants([n for n in nodes if _collective(n)])
         previous = None
         for node in nodes:
             if (previous is not None and node.op == "call_function" and node not in feeds
-                    and node not in after and node.target not in _OVERLAP_WORK
+                    and node not in downstream and node.target not in _OVERLAP_WORK
                     and not _input_copy(node)):
                 deps[node].add(previous)
             if node.op != "placeholder":
