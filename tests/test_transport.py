@@ -98,6 +98,28 @@ def test_transport_process_group_option():
     assert all(r["transports"] == ["process_group"] * 8 for r in per_rank)
 
 
+def test_direct_calls_sum_in_rank_order_and_refuse_mismatched_sizes():
+    """The op on 3 ranks: each result is the rank-order float sum of the ranks' payloads (bitwise,
+    on every rank), for float32, float64, a transposed payload, an empty one and one larger than a
+    buffer (several rounds); a call whose size differs between ranks is an error naming a peer."""
+    import torch
+
+    results = run_ranks("tests.transport_jobs:direct_calls", 3, deadline_s=240)
+    for i in range(len(results[0]["inputs"])):
+        inputs = [r["inputs"][i] for r in results]
+        expected = inputs[0].clone()
+        for t in inputs[1:]:
+            expected += t
+        for r in results:
+            assert r["sums"][i].dtype == expected.dtype and r["sums"][i].shape == expected.shape
+            assert torch.equal(r["sums"][i], expected), i
+    for rank, r in enumerate(results):
+        error = r["mismatch"]["error"]
+        assert r["mismatch"]["type"] == "BNPassError" and "met a different collective" in error, r
+        assert f"this rank reduces {3 + rank} torch.float32" in error, error
+    _no_segments_left(results)
+
+
 PG_TIMEOUT_S = 6.0
 
 

@@ -94,4 +94,24 @@ def specs_on_world(rank: int, world_size: int, specs: list) -> dict:
     return out
 
 
-__all__ = ["segments", "train_with_hosts", "dead_peer", "specs_on_world", "Spec"]
+def direct_calls(rank: int, world_size: int) -> dict:
+    """``torch.ops.bnpass.shm_all_reduce`` called directly on the default group: sums of known
+    values (float32, float64, a non-contiguous payload, an empty one, one of several rounds:
+    larger than a buffer), then a call whose size differs between the ranks (the error)."""
+    from bnpass.transport import SHM_ALL_REDUCE
+    from bnpass.transport.channel import CAPACITY, channel_for
+
+    group = dist.group.WORLD.group_name
+    assert channel_for(group, 60.0) is not None
+    g = torch.Generator().manual_seed(rank)
+    payloads = [torch.randn(7, generator=g), torch.randn(1025, dtype=torch.float64, generator=g),
+                torch.randn(6, 4, generator=g).t(), torch.empty(0),
+                torch.randn(CAPACITY // 8 * 2 + 11, dtype=torch.float64, generator=g)]
+    out = {"inputs": payloads, "sums": [SHM_ALL_REDUCE(t, "sum", group) for t in payloads]}
+    out["mismatch"] = _failure(lambda: SHM_ALL_REDUCE(torch.ones(3 + rank), "sum", group))
+    out["pid"], out["segments"] = os.getpid(), segments()
+    out["exit_now"] = True  # the channel is unusable after the error; skip the teardown
+    return out
+
+
+__all__ = ["direct_calls", "segments", "train_with_hosts", "dead_peer", "specs_on_world", "Spec"]

@@ -95,10 +95,10 @@ class Channel:
                 self.base, self.me, ctypes.byref(self._seq), dtype, src.data_ptr(), out.data_ptr(),
                 src.numel(), self.spin_ns, self.timeout_ns, ctypes.byref(self._who))
         if rc:
-            raise self._error(rc, self._who.value)
+            raise self._error(rc, self._who.value, src, self._seq.value)
         return out
 
-    def _error(self, rc: int, who: int) -> BNPassError:
+    def _error(self, rc: int, who: int, src: torch.Tensor, theirs: int) -> BNPassError:
         peer = f"rank {self.ranks[who]} (pid {self.pids[who]})" if 0 <= who < len(self.ranks) else "a rank"
         where = (f"in an all_reduce of process group {self.group_name} (ranks {self.ranks}) through "
                  f"shared memory, this rank ({self.ranks[self.me]})")
@@ -111,6 +111,13 @@ class Channel:
                                f"timeout ({self.timeout_ns / 1e9:g} s): {where} waited for it. Every "
                                "rank must run the same steps of the same compiled model (a rank "
                                "that hangs, or runs other code).")
+        if rc == 4:
+            names = {v: k for k, v in _DTYPES.items()}
+            return BNPassError(
+                f"bnpass: {peer} reduces {theirs // 4} {names.get(theirs % 4)} value(s) where this "
+                f"rank reduces {src.numel()} {src.dtype}: {where} met a different collective. The "
+                "ranks compiled different collectives (other BatchNorms, or other packing: "
+                "options={'pack_collectives': False} if a rank's batch is empty); nothing was summed.")
         return BNPassError(f"bnpass: the shared-memory all_reduce refused its arguments ({where})")
 
 

@@ -11,13 +11,15 @@
  * Protocol. Every rank of the group issues the same sequence of all_reduces (bnpass's agreement),
  * so each keeps a private round counter s = 1, 2, 3, ... (a payload larger than `capacity` takes
  * one round per piece). In round s, rank r:
- *   1. copies its payload into its own buffer s & 1;
+ *   1. copies its payload into its own buffer s & 1, and its size and dtype into ctl[r].shape[s & 1];
  *   2. publishes it: atomic store of s into ctl[r].seq (seq_cst, which includes release): every
  *      write of step 1 happens-before any read that observes seq >= s, on any CPU, weakly ordered
  *      ones (ARM, POWER) included: the store is a release, the load below an acquire;
  *   3. waits until ctl[p].seq >= s for every peer p (an acquire load: what p wrote into its buffer
  *      before publishing round s is visible after it);
- *   4. sums buffer s & 1 of ranks 0, 1, ..., W-1 in that order into its output: every rank adds the
+ *   4. checks that every peer's shape[s & 1] equals its own (ranks that compiled different
+ *      collectives would otherwise add unrelated numbers: an error naming the rank instead), then
+ *      sums buffer s & 1 of ranks 0, 1, ..., W-1 in that order into its output: every rank adds the
  *      same numbers in the same order with the same code, so results are bitwise equal on all ranks.
  * Why a buffer is never overwritten while a peer still reads it: rank r writes buffer s & 1 again
  * in round s + 2. It reached round s + 2 only after step 3 of round s + 1 saw every peer's seq >=
@@ -64,9 +66,11 @@ typedef struct {
     _Atomic uint32_t seq;
     _Atomic uint32_t waiters;
     _Atomic int32_t pid;
+    uint32_t pad;
+    uint64_t shape[2]; /* per buffer: numel * 4 + dtype of the round that filled it */
 } ctl_t;
 
-enum { OK = 0, TIMEOUT = 1, DEAD = 2, BAD = 3 };
+enum { OK = 0, TIMEOUT = 1, DEAD = 2, BAD = 3, MISMATCH = 4 };
 
 static size_t ctl_offset(int r) { return LINE + (size_t)r * LINE; }
 static size_t data_offset(int world, uint64_t cap, int r, int buf) {
@@ -209,8 +213,9 @@ SUM(float)
 SUM(double)
 
 /* out = sum over the group's ranks of `in` (numel values; dtype 0 float32, 1 float64), in rank
- * order. *seq: the last round this rank completed, advanced by the rounds used. On TIMEOUT or DEAD,
- * *who is the rank waited for. timeout_ns: from the call's start. */
+ * order. *seq: the last round this rank completed, advanced by the rounds used. On TIMEOUT, DEAD or
+ * MISMATCH, *who is the peer's group rank, and on MISMATCH *seq its shape (numel * 4 + dtype; the
+ * channel is unusable after any error). timeout_ns: from the call's start. */
 int bnshm_all_reduce(void *base, int rank, uint32_t *seq, int dtype, const void *in, void *out,
                      long numel, long spin_ns, long timeout_ns, int *who) {
     header_t *h = (header_t *)base;
@@ -223,14 +228,18 @@ int bnshm_all_reduce(void *base, int rank, uint32_t *seq, int dtype, const void 
         long n = numel - done < per_round ? numel - done : per_round;
         uint32_t s = *seq + 1;
         int buf = s & 1;
+        uint64_t shape = (uint64_t)n * 4 + (uint64_t)dtype;
         memcpy((char *)base + data_offset(world, cap, rank, buf), (const char *)in + done * elsize,
                n * elsize);
+        ctl(base, rank)->shape[buf] = shape;
         publish(ctl(base, rank), s);
         for (int p = 0; p < world; p++) {
             if (p == rank) continue;
             int rc = wait_for(ctl(base, p), s, spin_ns, deadline);
+            if (rc == OK && ctl(base, p)->shape[buf] != shape) rc = MISMATCH;
             if (rc != OK) {
                 *who = p;
+                *seq = ctl(base, p)->shape[buf] < (1ull << 34) ? (uint32_t)ctl(base, p)->shape[buf] : 0;
                 return rc;
             }
         }
