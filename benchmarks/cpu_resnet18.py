@@ -99,7 +99,7 @@ def rank_main(rank, world, store, args, queue):
             "synced": sum(r.count("sync") for r in mine),
             "collectives": {d: sum(r.collectives[d] for r in mine) for d in ("forward", "backward")},
             "unpacked": {d: sum(r.collectives_unpacked[d] for r in mine) for d in ("forward", "backward")},
-            "transports": {v: sorted({t for r in recs for ts in r.transports.values() for t in ts})
+            "transports": {v: sorted({c["transport"] for r in recs for seq in r.sequence.values() for c in seq})
                            for v, recs in records.items()},
         })
     dist.destroy_process_group()

@@ -182,8 +182,8 @@ def test_synced_specs_went_through_shared_memory(two_ranks, three_ranks):
     running statistics (max difference exactly 0)."""
     for name, per_rank in {**two_ranks, **three_ranks}.items():
         for r in per_rank:
-            transports = [t for rec in r["records"] for d in ("forward", "backward")
-                          for t in rec["transports"].get(d, [])]
+            transports = [c["transport"] for rec in r["records"] for d in ("forward", "backward")
+                          for c in rec["sequence"].get(d, [])]
             assert set(transports) <= {"shm"}, (name, transports)
             assert len(transports) == sum(sum(rec["collectives"].values()) for rec in r["records"])
         for key in per_rank[0]["buffers"]:

@@ -25,7 +25,9 @@ def segments() -> list[str]:
 
 
 def _transports(result: dict) -> list[str]:
-    return [t for rec in result["records"] for d in ("forward", "backward") for t in rec["transports"].get(d, [])]
+    """The transport of each collective of the result's compiled graphs (the records' sequences)."""
+    return [c["transport"] for rec in result["records"] for d in ("forward", "backward")
+            for c in rec["sequence"].get(d, [])]
 
 
 def _step(compiled, x):
