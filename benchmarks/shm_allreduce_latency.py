@@ -4,7 +4,7 @@ and 4 ranks x 1 thread. One blocking all_reduce at a time, as in a synced step: 
 and backward 2C float32 for C = 64, 128, 256, 512 (the packed downsample payloads are about twice
 these). Median over repetitions of the mean time per all_reduce, rank 0.
 
-    python benchmarks/shm_allreduce_latency.py [--ranks 2,3,4] [--iters 200] [--reps 5]
+    python benchmarks/shm_allreduce_latency.py [--ranks 2,3,4] [--iters 200] [--reps 5] [--results benchmarks/RESULTS.md]
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -58,11 +59,14 @@ def main():
     parser.add_argument("--ranks", default="2,3,4")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--results", help="append the table to this markdown file")
     args = parser.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.2f}, torch {torch.__version__}")
-    print("| ranks | payload | values | gloo µs | shm µs | gloo / shm |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    lines = [f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} cores, load "
+             f"average at the start {os.getloadavg()[0]:.2f}, torch {torch.__version__}; median of "
+             f"{args.reps} x {args.iters} blocking all_reduces, rank 0", "",
+             "| ranks | payload | values | gloo µs | shm µs | gloo / shm |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    print("\n".join(lines), flush=True)
     for world in map(int, args.ranks.split(",")):
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
@@ -75,7 +79,14 @@ def main():
             p.join()
         for label, numel, _ in PAYLOADS:
             gloo, shm = out[(label, "gloo")] * 1e6, out[(label, "shm")] * 1e6
-            print(f"| {world} | {label} | {numel} | {gloo:.0f} | {shm:.1f} | {gloo / shm:.0f} |", flush=True)
+            lines.append(f"| {world} | {label} | {numel} | {gloo:.0f} | {shm:.1f} | {gloo / shm:.0f} |")
+            print(lines[-1], flush=True)
+    lines.append(f"\nload average at the end {os.getloadavg()[0]:.2f}")
+    print(lines[-1])
+    if args.results:
+        with open(args.results, "a") as f:
+            f.write(f"\n### {time.strftime('%Y-%m-%d')}: `python benchmarks/shm_allreduce_latency.py"
+                    f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n" + "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
