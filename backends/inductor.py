@@ -129,7 +129,9 @@ def agreeing(compiled, record, direction: str, options):
     return AgreeFirst(compiled, record.sequence.get(direction, []), record, direction, options)
 
 
-_ISSUED = re.compile(r"torch\.ops\._c10d_functional\.all_reduce_\.default\((\w+), '(\w+)', '([^']*)'\)")
+# Either transport's call (bnpass/transport: the shared-memory op that replaced an all_reduce).
+_ISSUED = re.compile(r"torch\.ops\.(?:_c10d_functional\.all_reduce_|bnpass\.shm_all_reduce)\.default"
+                     r"\((\w+), '(\w+)', '([^']*)'\)")
 
 
 def _numel_of(source: str, buf: str, end: int):
