@@ -32,10 +32,12 @@ from bnpass.agree import AgreeFirst
 from bnpass.inspect.capture import digest, kernel_info
 from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
+from bnpass.transport import SHM_ALL_REDUCE, apply_transport, mark_transports
 
 __all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
 
-_ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default}
+_ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default,
+                SHM_ALL_REDUCE}
 # Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs). Not
 # ``_assert_async``: asynchronous on CUDA (a device-side check), immediate on the CPU (no device).
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
@@ -116,6 +118,7 @@ def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, option
     record.collectives_unpacked[direction] += report.collectives_before
     record.schedules[direction] = report
     record.sequence[direction] = collective_sequence(gm)
+    mark_transports(record.sequence[direction], apply_transport(gm, options))  # bnpass/transport
     count, nbytes = count_all_reduces(gm)
     record.collectives[direction] += count
     record.collective_bytes[direction] += nbytes
@@ -129,7 +132,9 @@ def agreeing(compiled, record, direction: str, options):
     return AgreeFirst(compiled, record.sequence.get(direction, []), record, direction, options)
 
 
-_ISSUED = re.compile(r"torch\.ops\._c10d_functional\.all_reduce_\.default\((\w+), '(\w+)', '([^']*)'\)")
+# Either transport's call (bnpass/transport: the shared-memory op that replaced an all_reduce).
+_ISSUED = re.compile(r"torch\.ops\.(?:_c10d_functional\.all_reduce_|bnpass\.shm_all_reduce)\.default"
+                     r"\((\w+), '(\w+)', '([^']*)'\)")
 
 
 def _numel_of(source: str, buf: str, end: int):

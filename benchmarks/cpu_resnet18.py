@@ -6,6 +6,7 @@ bnpass, eager, ...) so that machine noise hits them alike; the figure is the med
 the mean step time of a round, on rank 0.
 
     python benchmarks/cpu_resnet18.py [--rounds 7 --steps 10] [--results benchmarks/RESULTS.md]
+    python benchmarks/cpu_resnet18.py --variants eager,inductor,bnpass,bnpass-pg,bnpass-local,bnpass_eager
 """
 
 from __future__ import annotations
@@ -33,7 +34,14 @@ VARIANTS = ("eager", "inductor", "bnpass")
 # bnpass-nosplit: convolution backwards kept whole (bnpass splits them on the CPU so that a weight
 # gradient runs while a collective is in flight: backends/inductor.py split_conv_backwards).
 # bnpass-layout: Inductor's layout optimization on (bnpass turns it off on the CPU).
-EXTRA_VARIANTS = ("bnpass-group", "bnpass-unscheduled", "bnpass-nosplit", "bnpass-layout")
+# bnpass-pg: the statistics through the process group (gloo) instead of shared memory
+# (options transport="process_group", bnpass/transport); bnpass-local: the same compiled work with
+# each rank's own statistics and no collective (group_size=1): bnpass / bnpass-local is the sync tax.
+EXTRA_VARIANTS = ("bnpass-group", "bnpass-unscheduled", "bnpass-nosplit", "bnpass-layout", "bnpass-pg",
+                  "bnpass-local", "bnpass_eager")
+OPTIONS = {"bnpass-pg": {"transport": "process_group"}, "bnpass-local": {"group_size": 1},
+           "bnpass-unscheduled": {"pack_collectives": False, "overlap": False},
+           "bnpass-layout": {"inductor_config": {"layout_optimization": True}}}
 
 
 def build(variant: str, stats_group=None):
@@ -45,12 +53,8 @@ def build(variant: str, stats_group=None):
         return model, model
     if variant == "bnpass-group":
         return model, torch.compile(model, backend="bnpass", options={"process_group": stats_group})
-    if variant == "bnpass-unscheduled":
-        return model, torch.compile(model, backend="bnpass",
-                                    options={"pack_collectives": False, "overlap": False})
-    if variant == "bnpass-layout":
-        return model, torch.compile(model, backend="bnpass",
-                                    options={"inductor_config": {"layout_optimization": True}})
+    if variant in OPTIONS:
+        return model, torch.compile(model, backend="bnpass", options=OPTIONS[variant])
     if variant == "bnpass-nosplit":
         return model, torch.compile(model, backend="bnpass")
     return model, torch.compile(model, backend=variant)
@@ -119,6 +123,8 @@ def rank_main(rank, world, store, args, queue):
             "synced": sum(r.count("sync") for r in mine),
             "collectives": {d: sum(r.collectives[d] for r in mine) for d in ("forward", "backward")},
             "unpacked": {d: sum(r.collectives_unpacked[d] for r in mine) for d in ("forward", "backward")},
+            "transports": {v: sorted({c["transport"] for r in recs for seq in r.sequence.values() for c in seq})
+                           for v, recs in records.items()},
         })
     dist.destroy_process_group()
 
@@ -151,15 +157,20 @@ def main(argv=None) -> int:
     lines = [
         f"resnet18, {args.size}x{args.size}, batch {args.batch} per rank, 2 gloo ranks x 1 thread, DDP; "
         f"median of {args.rounds} rounds x {args.steps} steps; torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average at the "
+        f"end {os.getloadavg()[0]:.2f}",
         "",
-        "| variant | BN | step time (ms) | vs inductor | first 2 steps (s, compile) |",
-        "| --- | --- | --- | --- | --- |",
+        "| variant | BN | transport | step time (ms) | vs eager | vs inductor | first 2 steps (s, compile) |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for v in args.variants:
-        bn = "synced" if v.startswith("bnpass") else "unsynced"
-        lines.append(f"| {v} | {bn} | {median[v]:.1f} | {median[v] / median['inductor']:.3f} | "
-                     f"{result['compile_s'][v]:.1f} |")
+        bn = "local" if v == "bnpass-local" else "synced" if v.startswith("bnpass") else "unsynced"
+        transport = ", ".join(result["transports"].get(v, [])) or "-"
+        vs_eager = f"{median[v] / median['eager']:.3f}" if "eager" in median else "-"
+        lines.append(f"| {v} | {bn} | {transport} | {median[v]:.1f} | {vs_eager} | "
+                     f"{median[v] / median['inductor']:.3f} | {result['compile_s'][v]:.1f} |")
+    if "bnpass" in median and "bnpass-local" in median:
+        lines += ["", f"sync tax (bnpass / bnpass-local): {median['bnpass'] / median['bnpass-local']:.3f}"]
     lines += ["", f"bnpass: {result['sites']} BN sites, {result['synced']} synced, collectives per step: "
               f"forward {result['collectives']['forward']}, backward {result['collectives']['backward']} "
               f"(unpacked: {result['unpacked']['forward']}, {result['unpacked']['backward']}). "

@@ -24,6 +24,9 @@ _DOC = {
                         "share one all_reduce per direction",
     "overlap": "bool (default True): issue each all_reduce as soon as its payload is ready and wait "
                "for it as late as possible (convolution backwards split into input and weight parts)",
+    "transport": "'auto' (default): bnpass's all_reduces go through shared memory where every rank "
+                 "of the group is on this host and the tensors are on the CPU, else the process group; "
+                 "'process_group': always the process group",
     "agree_timeout_s": "seconds a rank waits for the others to compile the same BatchNorms (300)",
     "kernels": "'inductor' (default): Inductor generates the BN kernels; 'triton': bnpass's Triton "
                "kernels for synced CUDA sites (an error elsewhere); 'auto': per site by a shape rule "
@@ -31,6 +34,7 @@ _DOC = {
 }
 
 KERNELS = ("inductor", "triton", "auto")
+TRANSPORTS = ("auto", "process_group")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +57,7 @@ class Options:
     fold_eval: bool = True
     pack_collectives: bool = True
     overlap: bool = True
+    transport: str = "auto"
     mode: Optional[str] = None
 
     @classmethod
@@ -73,6 +78,10 @@ class Options:
         if not isinstance(opts.kernels, str) or opts.kernels not in KERNELS:
             raise BNPassError(f"option kernels must be one of {', '.join(map(repr, KERNELS))}, got "
                               f"{opts.kernels!r}")
+        if not isinstance(opts.transport, str) or opts.transport not in TRANSPORTS:
+            raise BNPassError(f"option transport must be one of {', '.join(map(repr, TRANSPORTS))} "
+                              f"('auto': shared memory between ranks on this host, else the process "
+                              f"group), got {opts.transport!r}")
         if not isinstance(opts.inductor_config, dict):
             raise BNPassError("option inductor_config must be a dict of torch._inductor.config names")
         if "post_grad_custom_post_pass" in opts.inductor_config:
@@ -125,5 +134,6 @@ class Options:
         fold = "" if self.fold_eval else ";fold_eval=False"
         pack = "" if self.pack_collectives else ";pack_collectives=False"
         overlap = "" if self.overlap else ";overlap=False"
+        transport = "" if self.transport == "auto" else f";transport={self.transport}"
         return (f"force_sync={self.force_sync};inductor_config={sorted(self.inductor_config.items())!r}"
-                f"{kernels}{fold}{pack}{overlap}")
+                f"{kernels}{fold}{pack}{overlap}{transport}")

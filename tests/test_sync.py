@@ -174,3 +174,19 @@ def test_process_group_option(three_ranks):
     assert_counts(three_ranks["group_option_3"], sites=2, synced=2, forward=1, backward=1, unpacked=(2, 2))
     groups = {s["group"] for r in three_ranks["group_option_3"] for s in r["records"][0]["sites"]}
     assert len(groups) == 1 and groups != {"0"}, groups  # the new group's name, not the world's
+
+
+def test_synced_specs_went_through_shared_memory(two_ranks, three_ranks):
+    """transport="auto" (the default) on one host: every collective of the specs above went through
+    bnpass's shared-memory all_reduce (bnpass/transport), and every rank holds bitwise the same
+    running statistics (max difference exactly 0)."""
+    for name, per_rank in {**two_ranks, **three_ranks}.items():
+        for r in per_rank:
+            transports = [c["transport"] for rec in r["records"] for d in ("forward", "backward")
+                          for c in rec["sequence"].get(d, [])]
+            assert set(transports) <= {"shm"}, (name, transports)
+            assert len(transports) == sum(sum(rec["collectives"].values()) for rec in r["records"])
+        for key in per_rank[0]["buffers"]:
+            diffs = [float((r["buffers"][key].double() - per_rank[0]["buffers"][key].double()).abs().max())
+                     for r in per_rank[1:]]
+            assert diffs == [0.0] * len(diffs), (name, key, diffs)

@@ -1,0 +1,11 @@
+"""Same-host transport for bnpass's collectives: an all_reduce through shared memory.
+
+``native`` builds and loads the C half (``shm.c``: the protocol), ``channel`` sets up one
+shared segment per process group, ``op`` is ``torch.ops.bnpass.shm_all_reduce``, and ``rewrite``
+(``apply_transport``) puts it into the compiled graphs in place of the process group's all_reduce.
+"""
+
+from .op import SHM_ALL_REDUCE, shm_all_reduce
+from .rewrite import PROCESS_GROUP, SHM, apply_transport, mark_transports
+
+__all__ = ["apply_transport", "mark_transports", "shm_all_reduce", "SHM_ALL_REDUCE", "SHM", "PROCESS_GROUP"]
