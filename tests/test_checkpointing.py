@@ -13,7 +13,7 @@ from tests.harness import run_ranks
 def backward_graph(rank: int, world_size: int, backend: str, use_checkpoint: bool) -> dict:
     """One training step of CheckpointedNet under ``backend``; its record and backward graph digest."""
     import bnpass
-    from bnpass.inspect_run import fake_world
+    from bnpass.inspect.run import fake_world
     from tests.models import CheckpointedNet
 
     with fake_world(2):
