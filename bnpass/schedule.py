@@ -229,28 +229,27 @@ def _collective(node: fx.Node) -> bool:
         and node.target is not _WAIT
 
 
-def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
-    """Every node some node of ``targets`` depends on."""
+def _reachable(starts: list[fx.Node], step) -> set[fx.Node]:
+    """Every node reached from ``starts`` by ``step`` (a node's inputs, or its users), not ``starts``
+    themselves unless reached again."""
     seen: set[fx.Node] = set()
-    stack = [inp for t in targets for inp in t.all_input_nodes]
+    stack = [n for s in starts for n in step(s)]
     while stack:
         node = stack.pop()
         if node not in seen:
             seen.add(node)
-            stack.extend(node.all_input_nodes)
+            stack.extend(step(node))
     return seen
+
+
+def _ancestors(targets: list[fx.Node]) -> set[fx.Node]:
+    """Every node some node of ``targets`` depends on."""
+    return _reachable(targets, lambda n: n.all_input_nodes)
 
 
 def _descendants(sources: list[fx.Node]) -> set[fx.Node]:
     """Every node that depends on some node of ``sources``."""
-    seen: set[fx.Node] = set()
-    stack = [user for s in sources for user in s.users]
-    while stack:
-        node = stack.pop()
-        if node not in seen:
-            seen.add(node)
-            stack.extend(node.users)
-    return seen
+    return _reachable(sources, lambda n: list(n.users))
 
 
 def _kahn(nodes: list[fx.Node], deps: dict, key) -> list[fx.Node]:

@@ -18,25 +18,12 @@ import argparse
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 import torch.nn.functional as F
 
 import bnpass
 
 
-class SmallConvNet(nn.Module):
-    def __init__(self, classes: int = 10):
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 16, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(16)
-        self.conv2 = nn.Conv2d(16, 32, 3, stride=2, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(32)
-        self.head = nn.Linear(32, classes)
-
-    def forward(self, x):
-        x = F.relu(self.bn1(self.conv1(x)))
-        x = F.relu(self.bn2(self.conv2(x)))
-        return self.head(x.mean((2, 3)))
+from train_demo import SmallConvNet  # noqa: E402 - the main demo's model (this folder is on sys.path)
 
 
 class ShiftedImages(torch.utils.data.Dataset):
