@@ -24,6 +24,8 @@ ISSUE_OPS = ("_c10d_functional::all_reduce_", "_c10d_functional::all_reduce")
 WAIT_OPS = ("_c10d_functional::wait_tensor",)
 BLOCKING_OPS = ("bnpass::shm_all_reduce",)  # issue and wait in one call (same-host transport)
 COLLECTIVE_OPS = ISSUE_OPS + WAIT_OPS + BLOCKING_OPS
+# Kineto's device activities that are work (not the GPU track's copies of record_function ranges).
+_DEVICE_WORK = ("kernel", "gpu_memcpy", "gpu_memset")
 
 
 def kernel_name(profiled: str) -> str:
@@ -56,6 +58,14 @@ def total_ms(kernels: dict[str, list]) -> float:
     return sum(us for _, us in kernels.values()) / 1e3
 
 
+def _device_work(e) -> bool:
+    """A kernel, memcpy or memset on the device; not a user annotation mirrored on the GPU track."""
+    if getattr(e, "is_user_annotation", False):
+        return False
+    kind = getattr(e, "activity_type", None)  # absent on older torch
+    return kind is None or str(kind).lower() in _DEVICE_WORK
+
+
 def _events(prof, cuda: bool) -> tuple[list, list]:
     """(kernels, host ops) of a finished profile, each as (name, µs) pairs."""
     kernels, host = [], []
@@ -63,7 +73,8 @@ def _events(prof, cuda: bool) -> tuple[list, list]:
         us = e.time_range.elapsed_us()
         on_device = getattr(e, "device_type", None) is not None and e.device_type != torch.autograd.DeviceType.CPU
         if cuda and on_device:
-            kernels.append((e.name, us))
+            if _device_work(e):
+                kernels.append((e.name, us))
         elif not on_device:
             if e.name in COLLECTIVE_OPS:
                 host.append((e.name, us))
@@ -99,6 +110,7 @@ class DeviceClock:
 
     def __init__(self, flush_bytes: int = 256 << 20):
         self._flush_buf = torch.empty(flush_bytes, dtype=torch.int8, device="cuda")
+        self._flush_kernels: dict[int, dict] = {}  # reps -> the flush's own kernels, profiled once
 
     def flush(self) -> None:
         self._flush_buf.zero_()
@@ -107,8 +119,9 @@ class DeviceClock:
         for _ in range(3):
             fn()
         with_flush, _ = profiled(lambda: (self.flush(), fn()), reps, True)
-        flush_only, _ = profiled(self.flush, reps, True)
-        return minus(with_flush, flush_only)
+        if reps not in self._flush_kernels:
+            self._flush_kernels[reps] = profiled(self.flush, reps, True)[0]
+        return minus(with_flush, self._flush_kernels[reps])
 
     def kernel_ms(self, fn, reps: int = 10) -> float:
         return total_ms(self.kernels(fn, reps))

@@ -28,8 +28,14 @@ E2E_VARIANTS = ("eager-syncbn", "inductor", "bnpass", "bnpass-triton", "bnpass-u
 DEFAULT_E2E = ("inductor", "bnpass", "inductor-cudagraphs", "bnpass-cudagraphs")
 GRAPHED = ("inductor-cudagraphs", "bnpass-cudagraphs")
 PROFILE_STEPS = 3
-# Provenance (kernel -> FX nodes) for the per-site table; it does not change the kernels.
-PROVENANCE = {"trace.provenance_tracking_level": 1}
+
+
+def provenance() -> dict:
+    """Inductor's provenance tracking (kernel -> FX nodes) for the per-site table; it does not
+    change the kernels. Empty where this torch has no such setting (the table then says so)."""
+    from torch._inductor import config
+
+    return {"trace.provenance_tracking_level": 1} if hasattr(config.trace, "provenance_tracking_level") else {}
 
 
 @dataclasses.dataclass
@@ -162,7 +168,7 @@ def run_variant(variant, workload, group, clock, steps, config, options) -> dict
 def e2e_section(report, workload, variants, group, clock, budget, steps, profile=(), config=None,
                 options=None) -> dict:
     """{variant: figures}; variants the budget cannot fit are reported as skipped."""
-    config = {**PROVENANCE, **(config or {})}
+    config = {**provenance(), **(config or {})}
     results, rows = {}, []
     for variant in variants:
         if variant in GRAPHED and not clock.cuda:

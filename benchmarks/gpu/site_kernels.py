@@ -96,6 +96,8 @@ class StockInductor:
     code with provenance. ``graphs`` is ``kernel_map``'s input."""
 
     def __init__(self, inductor_config: dict | None = None):
+        """``inductor_config``: Inductor settings for its compiles; provenance tracking must be
+        among them (``trace.provenance_tracking_level=1``) for ``kernel_map`` to find the sites."""
         self.config = dict(inductor_config or {})
         self.graphs: list[dict] = []
         self.sites: list[tuple[int, str, object]] = []
@@ -112,7 +114,7 @@ class StockInductor:
         names = {index: entry["names"] for index, entry in snapshot_sites(gm, found)["sites"].items()}
         graph = {"site_offset": offset, "graphs": {}, "kernels": {}}
         self.graphs.append(graph)
-        patches = {"trace.provenance_tracking_level": 1, **self.config}
+        patches = dict(self.config)  # provenance on: end_to_end.provenance()
         with torch._functorch.config.patch(enable_autograd_cache=False):
             return compile_fx(gm, example_inputs, config_patches=patches,
                               inner_compile=functools.partial(_keeping_inner_compile, graph, names))
