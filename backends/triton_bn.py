@@ -40,10 +40,12 @@ mean(dy'), and the variance term -w * invstd * xhat * mean(dy' xhat). Rewritten 
     S_dy = sum over ALL RANKS of sum(dy'),   S_dyxmu = sum over ALL RANKS of sum(dy' * (x - mean))
 
     stage 1/2 (``_bwd_partial_kernel`` / ``_bwd_final_kernel``): the local [sum dy', sum dy'(x-mean)]
-        in float32, per-block partials then a per-channel sum; then the all_reduce (CROSSES RANKS:
-        2C float32 values), then ``_dx_kernel`` applies (2) elementwise with mean_dy = S_dy / N and
-        coef = invstd^2 * S_dyxmu / N. dw = local sum(dy' * xhat), db = local sum(dy') (local, as
-        nn.SyncBatchNorm: DDP averages them).
+        in float32, per-block partials then a per-channel sum; the caller (triton_bn_op.py) scales
+        the second half by invstd (global) into this rank's [db, dw] = [sum dy', sum dy' * xhat],
+        the payload of Inductor's path too, and all_reduces it (CROSSES RANKS: 2C float32 values,
+        ``bnpass.ops.global_grad_means``); then ``_dx_kernel`` applies (2) elementwise with
+        mean_dy = S_dy / N and coef = invstd * S_dyxhat / N = invstd^2 * S_dyxmu / N. dw and db
+        stay local sums (as nn.SyncBatchNorm: DDP averages them).
 
 Layouts. A (N, C, *spatial) tensor dense in NCHW order (``contiguous``) or in channels-last order
 (NHWC, NDHWC) is addressed as rows m = (n, s) of C channels:

@@ -139,18 +139,22 @@ class TritonSyncedBatchNormFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        from bnpass.ops import global_grad_terms
+        from bnpass.ops import global_grad_means
 
         ops = torch.ops.bnpass
         x, weight, mean_hi, mean_lo, invstd, scale, shift, total = ctx.saved_tensors
         channels = x.shape[1]
         dy = triton_bn.like(dy, x)
-        local = ops.triton_bn_backward_reduce(dy, x, mean_hi, mean_lo, scale, shift, ctx.relu)
+        sums = ops.triton_bn_backward_reduce(dy, x, mean_hi, mean_lo, scale, shift, ctx.relu)
+        # this rank's [db, dw] = [sum dy', sum dy' * xhat] (invstd is global), the payload of
+        # Inductor's path too
+        local = torch.cat([sums[:channels], sums[channels:] * invstd])
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
-            mean_dy, coef = global_grad_terms(local, total, invstd, ctx.group_name, ctx.site)  # 2C float32
+            mean_dy, mean_dy_xhat = global_grad_means(local, total, ctx.group_name, ctx.site)  # 2C float32
+            coef = invstd * mean_dy_xhat  # invstd^2 * S_dyxmu / N of triton_bn.py's (2)
             dx = ops.triton_bn_backward_dx(dy, x, mean_hi, mean_lo, mean_dy, coef, scale, shift, ctx.relu)
-        dw = (local[channels:] * invstd).to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = local[channels:].to(weight.dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         return dx, dw, db, None, None, None, None
 

@@ -136,22 +136,11 @@ def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
     return GlobalStatistics(total, mean64.float(), mean_hi, mean_lo, invstd, unbiased_var)
 
 
-def global_grad_terms(local: Tensor, total: Tensor, invstd: Tensor,
-                      group_name: Optional[str], site: int = -1) -> tuple[Tensor, Tensor]:
-    """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*(x-mean)] (2C float32), and
-    the per-channel terms of dx = scale*(dy - mean_dy - (x-mean)*coef)."""
-    channels = local.shape[0] // 2
-    summed = _all_reduce_sum(local, group_name, site, "backward")  # crosses ranks
-    total32 = total.float()
-    mean_dy = summed[:channels] / total32
-    coef = invstd * invstd * (summed[channels:] / total32)
-    return mean_dy, coef
-
-
 def global_grad_means(local: Tensor, total: Tensor, group_name: Optional[str],
                       site: int = -1) -> tuple[Tensor, Tensor]:
     """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*xhat] (2C float32), and
-    the per-channel terms of dx = scale*(dy - mean_dy - xhat*mean_dy_xhat)."""
+    the per-channel terms of dx = scale*(dy - mean_dy - xhat*mean_dy_xhat). Shared by every
+    kernel choice (see backends/triton_bn_op.py)."""
     channels = local.shape[0] // 2
     summed = _all_reduce_sum(local, group_name, site, "backward")  # crosses ranks
     total32 = total.float()

@@ -26,7 +26,7 @@ DEFERRED_CYCLES = {
     ("bnpass.ops", "bnpass.backends.triton_bn_op"):
         "the Triton path is loaded only for a kernels='triton' site (importing bnpass never imports "
         "triton); triton_bn_op reuses ops' cross-rank statistics (global_statistics, "
-        "global_grad_terms), which would need a module of their own to cut this edge",
+        "global_grad_means), which would need a module of their own to cut this edge",
 }
 
 
