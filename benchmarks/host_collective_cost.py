@@ -32,6 +32,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from results_file import append_results  # benchmarks/, the script's own folder
+
 PAYLOADS = [(f"fwd C={c}", 2 * c + 1, torch.float64) for c in (64, 1024)] + \
            [(f"bwd C={c}", 2 * c, torch.float32) for c in (64, 1024)]
 SETUPS = {"fake": ("fake", 2, 1), "gloo1": ("gloo", 1, 1), "gloo2": ("gloo", 2, 2)}  # backend, world, processes
@@ -146,9 +148,7 @@ def main(argv=None) -> int:
     lines.append(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     print(lines[-1])
     if args.results:
-        with open(args.results, "a") as f:
-            f.write(f"\n### {time.strftime('%Y-%m-%d')}: `python benchmarks/host_collective_cost.py"
-                    f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n" + "\n".join(lines) + "\n")
+        append_results(args.results, "host_collective_cost.py", lines)
     return 0
 
 

@@ -12,13 +12,14 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from results_file import append_results  # benchmarks/, the script's own folder
 
 PAYLOADS = [(f"fwd C={c}", 2 * c + 1, torch.float64) for c in (64, 128, 256, 512)] + \
            [(f"bwd C={c}", 2 * c, torch.float32) for c in (64, 512)]
@@ -84,9 +85,7 @@ def main():
     lines.append(f"\nload average at the end {os.getloadavg()[0]:.2f}")
     print(lines[-1])
     if args.results:
-        with open(args.results, "a") as f:
-            f.write(f"\n### {time.strftime('%Y-%m-%d')}: `python benchmarks/shm_allreduce_latency.py"
-                    f"{' ' + ' '.join(sys.argv[1:]) if sys.argv[1:] else ''}`\n\n" + "\n".join(lines) + "\n")
+        append_results(args.results, "shm_allreduce_latency.py", lines)
 
 
 if __name__ == "__main__":
