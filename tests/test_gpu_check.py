@@ -69,9 +69,8 @@ def test_dry_run_end_to_end_maps_kernels_to_the_site(tmp_path):
     assert len(site) == 1
     # bnpass: stats + normalize forward, reduce + dx backward; stock: one fused kernel each way
     assert [int(float(site[0][i])) for i in (3, 5, 7, 9)] == [2, 2, 1, 1]
-    host = _table_rows(text, "bnpass")
-    collectives = [r for r in host if len(r) == 9]
-    assert collectives and float(collectives[0][1]) == 2.0 and collectives[0][7] == "1"
+    host = [r for r in _table_rows(text, "bnpass") if len(r) == 10]  # one collective per direction
+    assert [(r[1], float(r[2]), r[8]) for r in host] == [("forward", 1.0, "1"), ("backward", 1.0, "1")]
     assert "inductor-cudagraphs | skipped (no CUDA graphs on the CPU)" in text
     verdicts = [r[2] for r in _target_rows(text)]  # device time per step and host µs were measured
     assert verdicts == ["no verdict (CPU figures)", "not measured", "not measured", "no verdict (CPU figures)"]
@@ -117,12 +116,14 @@ def test_kernel_sums_from_profile_events():
 
 
 def test_host_per_collective():
-    host = {"_c10d_functional::all_reduce_": [4, 400.0], "_c10d_functional::wait_tensor": [4, 100.0]}
-    h = device_time.host_per_collective(host)
+    host = {"forward:_c10d_functional::all_reduce_": [4, 400.0], "forward:_c10d_functional::wait_tensor": [4, 100.0],
+            "backward:_c10d_functional::all_reduce_": [3, 90.0], "backward:_c10d_functional::wait_tensor": [3, 30.0]}
+    h = device_time.host_per_collective(host, "forward")
     assert (h["collectives_per_step"], h["issue_us"], h["wait_us"], h["per_collective_us"], h["per_step_us"]) == \
         (4, 100.0, 25.0, 125.0, 500.0)
     assert math.isnan(h["blocking_us"])
-    shm = device_time.host_per_collective({"bnpass::shm_all_reduce": [2, 60.0]})
+    assert device_time.host_per_collective(host, "backward")["per_collective_us"] == 40.0
+    shm = device_time.host_per_collective({"backward:bnpass::shm_all_reduce": [2, 60.0]}, "backward")
     assert (shm["collectives_per_step"], shm["per_collective_us"]) == (2, 30.0)
 
 
@@ -176,7 +177,8 @@ def test_target_verdicts():
     # the three largest bf16 channels_last shapes A, B, D at the better bnpass choice; B is the worst
     assert got[copy_key] == ("worst 73% of 3300 GB/s (A bnpass-inductor 91%; B bnpass-triton 73%; "
                              "D bnpass-inductor 76%)", "met")
-    assert got["host µs per synced site per direction <= 40 (out of graphs)"] == ("55.0 µs", "NOT met")
+    assert got["host µs per synced site per direction <= 40 (out of graphs)"] == ("55.0 µs (the worse direction)",
+                                                                                "NOT met")
     nothing = {r[0]: r[2] for r in targets.evaluate_targets(rows[:2], 3300.0, {}, None)}
     assert set(nothing.values()) == {"not measured"}
     cpu = {r[0]: r[2] for r in targets.evaluate_targets(rows, 3300.0, e2e, 55.0, device_figures=False)}

@@ -66,8 +66,20 @@ def _device_work(e) -> bool:
     return kind is None or str(kind).lower() in _DEVICE_WORK
 
 
+def direction_of(event) -> str:
+    """"backward" when the op ran inside a compiled backward (an ancestor named like autograd's
+    ``CompiledFunctionBackward``), else "forward"."""
+    parent = event.cpu_parent
+    while parent is not None:
+        if "Backward" in parent.name:
+            return "backward"
+        parent = parent.cpu_parent
+    return "forward"
+
+
 def _events(prof, cuda: bool) -> tuple[list, list]:
-    """(kernels, host ops) of a finished profile, each as (name, µs) pairs."""
+    """(kernels, host ops) of a finished profile, each as (name, µs) pairs; a host op's name is
+    prefixed with its direction ("forward:..." or "backward:...")."""
     kernels, host = [], []
     for e in prof.events():
         us = e.time_range.elapsed_us()
@@ -77,7 +89,7 @@ def _events(prof, cuda: bool) -> tuple[list, list]:
                 kernels.append((e.name, us))
         elif not on_device:
             if e.name in COLLECTIVE_OPS:
-                host.append((e.name, us))
+                host.append((f"{direction_of(e)}:{e.name}", us))
             parent = e.cpu_parent
             if not cuda and parent is not None and parent.name.startswith(_WRAPPER):
                 kernels.append((kernel_name(e.name), us))
@@ -194,11 +206,12 @@ def copy_bandwidth(clock, device, nbytes: int) -> float:
     return gbps(2 * nbytes, clock.kernel_ms(lambda: dst.copy_(src)))
 
 
-def host_per_collective(host: dict[str, list]) -> dict[str, float]:
-    """µs per call of issuing, waiting and both (the blocking same-host op counts as both), and µs
-    per step, from ``profiled``'s host ops per step."""
+def host_per_collective(host: dict[str, list], direction: str) -> dict[str, float]:
+    """For one direction: µs per call of issuing, waiting and both (the blocking same-host op
+    counts as both), and µs per step, from ``profiled``'s host ops per step."""
     def calls_us(names):
-        return sum(host.get(n, (0, 0))[0] for n in names), sum(host.get(n, (0, 0))[1] for n in names)
+        keys = [f"{direction}:{n}" for n in names]
+        return sum(host.get(k, (0, 0))[0] for k in keys), sum(host.get(k, (0, 0))[1] for k in keys)
 
     issue_calls, issue_us = calls_us(ISSUE_OPS)
     wait_calls, wait_us = calls_us(WAIT_OPS)

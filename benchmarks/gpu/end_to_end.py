@@ -202,23 +202,24 @@ def site_report(report, results: dict) -> None:
         report.add("per-site table: needs the bnpass and inductor variants out of graphs (not measured)")
     rows = []
     for variant, r in results.items():
-        if r.get("host"):
-            h = host_per_collective(r["host"])
-            rows.append([variant, h["collectives_per_step"], h["issue_us"], h["wait_us"], h["blocking_us"],
-                         h["per_collective_us"], h["per_step_us"], r.get("synced", ""), _per_site_us(r)])
+        for direction in ("forward", "backward") if r.get("host") else ():
+            h = host_per_collective(r["host"], direction)
+            rows.append([variant, direction, h["collectives_per_step"], h["issue_us"], h["wait_us"], h["blocking_us"],
+                         h["per_collective_us"], h["per_step_us"], r.get("synced", ""), _per_site_us(r, direction)])
     report.add("### Host µs of the collectives out of graphs (torch.profiler CPU ops, inclusive)")
-    report.add(format_table(["variant", "collectives per step", "issue µs", "wait µs", "issue+wait in one call µs",
-                             "µs per collective", "µs per step", "synced sites", "µs per synced site per direction"],
-                            rows))
+    report.add(format_table(["variant", "direction", "collectives per step", "issue µs", "wait µs",
+                             "issue+wait in one call µs", "µs per collective", "µs per step", "synced sites",
+                             "µs per synced site"], rows))
 
 
-def _per_site_us(r: dict) -> float:
-    """Host µs of a variant's collectives per step, per synced site and direction."""
+def _per_site_us(r: dict, direction: str) -> float:
+    """Host µs of a variant's collectives in one direction per step, per synced site."""
     if not r.get("host") or not r.get("synced"):
         return float("nan")
-    return host_per_collective(r["host"])["per_step_us"] / (2 * r["synced"])
+    return host_per_collective(r["host"], direction)["per_step_us"] / r["synced"]
 
 
 def host_us_per_site(results: dict) -> float:
-    """bnpass's figure for the host target (nan when not measured)."""
-    return _per_site_us(results.get("bnpass", {}))
+    """bnpass's figure for the host target: the worse direction (nan when not measured)."""
+    r = results.get("bnpass", {})
+    return max(_per_site_us(r, d) for d in ("forward", "backward")) if r.get("host") else float("nan")
