@@ -182,6 +182,7 @@ def e2e_section(report, workload, variants, group, clock, budget, steps, profile
             rows.append([variant, r["step_ms"], r.get("device_ms", float("nan")), f"{r['first_s']:.1f}"])
             if variant in profile and budget.allows(f"profile of {variant}", 30):
                 _top_ops(report, variant, r["step"], clock.cuda)
+            del r["step"]  # frees the variant's model, optimizer and graphs for the next one
         except Exception as e:  # noqa: BLE001 - one variant failing must not hide the others
             rows.append([variant, f"FAILED {type(e).__name__}: {str(e)[:200]}", "", ""])
     report.add(f"workload: {workload.name}; timing: {clock.label}")
