@@ -194,13 +194,16 @@ def e2e_section(report, workload, variants, group, clock, budget, steps, profile
 def site_report(report, results: dict) -> None:
     """The per-site table (bnpass against stock Inductor) and the host time of the collectives."""
     bn, ind = results.get("bnpass", {}), results.get("inductor", {})
-    if "kmap" in bn and "kmap" in ind:
+    if "kmap" not in bn or "kmap" not in ind:
+        report.add("per-site table: needs the bnpass and inductor variants out of graphs (not measured)")
+    elif not all(any(e["sites"] for e in r["kmap"].values()) for r in (bn, ind)):
+        report.add("per-site table: no kernel was mapped to a site (no provenance from Inductor on this "
+                   "torch?): not measured")
+    else:
         headers, rows = site_kernels.site_table(ind["sites"], site_kernels.attribute(bn["kmap"], bn["kernels"]),
                                                 site_kernels.attribute(ind["kmap"], ind["kernels"]))
         report.add("### Per site: kernels and µs per step (a fused kernel's time split between the sites it touches)")
         report.add(format_table(headers, rows))
-    else:
-        report.add("per-site table: needs the bnpass and inductor variants out of graphs (not measured)")
     rows = []
     for variant, r in results.items():
         for direction in ("forward", "backward") if r.get("host") else ():
