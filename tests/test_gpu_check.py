@@ -10,6 +10,7 @@ seconds cold) and maps the generated C++ kernels to the site."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import subprocess
 import sys
@@ -18,11 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 
+from benchmarks.gpu import common, device_time, site_kernels, targets
+
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
-sys.path.insert(0, str(ROOT / "benchmarks"))  # noqa: the script's own modules
-import gpu_check  # noqa: E402
-from benchmarks.gpu import common, device_time, site_kernels, targets  # noqa: E402
+
+_spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)  # a script, not a package module
+gpu_check = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(gpu_check)
 
 
 def _dry_run(tmp_path, *extra):
