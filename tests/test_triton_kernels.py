@@ -3,7 +3,9 @@ interpreter, against float64 torch on small shapes; and the ``kernels`` option o
 
 TRITON_INTERPRET=1 has to be set before the kernels are defined, so the kernel checks run in one
 child process (``python tests/test_triton_kernels.py``) that reports an error and a tolerance per
-case; this process only judges them, and the rest of the suite never sees the variable. What the
+case; this process only judges them, and the rest of the suite never sees the variable. The
+``ranks2-*`` cases run the whole op on 2 gloo ranks spawned by that child (the variable inherited),
+so its all_reduces of the statistics and of the backward's payload are summed for real. What the
 interpreter cannot show: speed, and the kernels compiled for a GPU or inside torch.compile
 (benchmarks/gpu_check.py checks those on a GPU).
 """
@@ -36,7 +38,10 @@ CASES = [f"{k}-{layout}-{dtype}" for k in KERNELS for layout in LAYOUTS for dtyp
     "stats-offset1e4-nchw-float32", "stats-offset1e4-channels_last-float32", "stats-empty-nchw-float32",
     "backward_reduce-multiblock-channels_last-float16",
 ] + [f"function-{layout}-{dtype}-relu{int(r)}" for layout in ("nchw", "channels_last", "ndhwc")
-     for dtype in DTYPES for r in (False, True)]
+     for dtype in DTYPES for r in (False, True)] + [
+    "ranks2-nchw-float32-relu0", "ranks2-channels_last-bfloat16-relu1"]
+# The whole op on 2 gloo ranks (one child of the interpreter's process each): its all_reduces.
+TWO_RANK_CASES = [c for c in CASES if c.startswith("ranks2")]
 
 
 # ---- the child process: TRITON_INTERPRET=1, every case, one JSON line ---------------------------
@@ -125,34 +130,94 @@ def _check(case: str) -> tuple[float, float]:
     return _rel(dx, ref), OUTPUT_TOL[dtype]
 
 
-def _check_function(case: str) -> tuple[float, float]:
-    """The whole op (autograd formula over the four triton_ops, no group) vs float64 BN(+ReLU)."""
-    import torch.nn.functional as F
-
-    from bnpass.backends.triton_bn_op import triton_synced_bn
-
-    _, layout, dtype, relu = case.split("-")
-    relu = relu == "relu1"
-    x = _input(layout, dtype).requires_grad_()
+def _function_inputs(layout, dtype):
+    """x, w, b, dy of the whole-op cases (the global batch when split over ranks)."""
+    x = _input(layout, dtype)
     c = x.shape[1]
     g = torch.Generator().manual_seed(4)
-    w = (torch.rand(c, generator=g) + 0.5).to(x.dtype).requires_grad_()
-    b = (torch.randn(c, generator=g) * 0.3).to(x.dtype).requires_grad_()
-    dy = _input(layout, dtype, seed=5)
-    y, mean, var = triton_synced_bn(x, w, b, 1e-5, None, relu)
-    y.backward(dy)
+    w = (torch.rand(c, generator=g) + 0.5).to(x.dtype)
+    b = (torch.randn(c, generator=g) * 0.3).to(x.dtype)
+    return x, w, b, _input(layout, dtype, seed=5)
+
+
+def _function_errors(x, w, b, dy, relu, got: dict, dtype: str) -> tuple[float, float]:
+    """The op's results over the global batch (``got``: y, mean, var, dx, dw, db) vs float64."""
+    import torch.nn.functional as F
+
     xd, wd, bd = (t.detach().double().requires_grad_() for t in (x, w, b))
     yd = F.batch_norm(xd, None, None, wd, bd, True, 0.0, 1e-5)
     yd = yd.clamp_min(0) if relu else yd
     yd.backward(dy.double())
     dims = [0] + list(range(2, x.dim()))
     ref_var = xd.detach().var(dims, correction=1)
-    errs = [_rel(mean, xd.detach().mean(dims)), _rel(var, ref_var)]
+    errs = [_rel(got["mean"], xd.detach().mean(dims)), _rel(got["var"], ref_var)]
     tol = max(OUTPUT_TOL[dtype], 1e-5)
     # Outputs in x's dtype: their rounding; dw/db: a sum over ~200 terms of rounded-dy products.
-    errs += [_rel(y, yd), _rel(x.grad, xd.grad) / 4, _rel(w.grad, wd.grad) / 4, _rel(b.grad, bd.grad) / 4]
-    assert y.stride() == x.stride() and x.grad.stride() == x.stride()
+    errs += [_rel(got["y"], yd), _rel(got["dx"], xd.grad) / 4, _rel(got["dw"], wd.grad) / 4,
+             _rel(got["db"], bd.grad) / 4]
     return max(errs), tol
+
+
+def _check_function(case: str) -> tuple[float, float]:
+    """The whole op (autograd formula over the four triton_ops, no group) vs float64 BN(+ReLU)."""
+    from bnpass.backends.triton_bn_op import triton_synced_bn
+
+    _, layout, dtype, relu = case.split("-")
+    relu = relu == "relu1"
+    x, w, b, dy = _function_inputs(layout, dtype)
+    x, w, b = (t.requires_grad_() for t in (x, w, b))
+    y, mean, var = triton_synced_bn(x, w, b, 1e-5, None, relu)
+    y.backward(dy)
+    assert y.stride() == x.stride() and x.grad.stride() == x.stride()
+    return _function_errors(x, w, b, dy, relu, {"y": y, "mean": mean, "var": var, "dx": x.grad,
+                                                 "dw": w.grad, "db": b.grad}, dtype)
+
+
+def _rank_of_two(rank: int, store: str, out_dir: str) -> None:
+    """One of two gloo ranks: the op on its part of the global batch (ranks hold 2 and 1 samples),
+    statistics and gradient terms summed over both by the op's all_reduces."""
+    import torch.distributed as dist
+
+    from bnpass.backends.triton_bn_op import triton_synced_bn
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
+    out = {}
+    for case in TWO_RANK_CASES:
+        _, layout, dtype, relu = case.split("-")
+        x, w, b, dy = _function_inputs(layout, dtype)
+        part = slice(0, 2) if rank == 0 else slice(2, None)
+        fmt = {"nchw": torch.contiguous_format, "channels_last": torch.channels_last}[layout]
+        x, dy = (t[part].contiguous(memory_format=fmt) for t in (x, dy))
+        x, w, b = (t.requires_grad_() for t in (x, w, b))
+        y, mean, var = triton_synced_bn(x, w, b, 1e-5, dist.group.WORLD.group_name, relu == "relu1")
+        y.backward(dy)
+        out[case] = {"y": y.detach(), "mean": mean, "var": var, "dx": x.grad, "dw": w.grad, "db": b.grad}
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def _check_two_ranks() -> dict:
+    """TWO_RANK_CASES on 2 gloo processes: outputs and input gradients concatenated, parameter
+    gradients summed over ranks (DDP's sum), against float64 on the global batch."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_rank_of_two, args=(os.path.join(tmp, "store"), tmp), nprocs=2, start_method="spawn")
+        ranks = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(2)]
+    results = {}
+    for case in TWO_RANK_CASES:
+        _, layout, dtype, relu = case.split("-")
+        a, b_ = ranks[0][case], ranks[1][case]
+        assert torch.equal(a["mean"], b_["mean"]) and torch.equal(a["var"], b_["var"])  # synced: the same
+        got = {"y": torch.cat([a["y"], b_["y"]]), "dx": torch.cat([a["dx"], b_["dx"]]), "mean": a["mean"],
+               "var": a["var"], "dw": a["dw"] + b_["dw"], "db": a["db"] + b_["db"]}
+        x, w, b, dy = _function_inputs(layout, dtype)
+        err, tol = _function_errors(x, w, b, dy, relu == "relu1", got, dtype)
+        results[case] = {"err": err, "tol": tol}
+    return results
 
 
 def _child() -> None:
@@ -160,11 +225,17 @@ def _child() -> None:
     torch.set_num_threads(1)
     results = {}
     for case in CASES:
+        if case in TWO_RANK_CASES:
+            continue
         try:
             err, tol = _check_function(case) if case.startswith("function") else _check(case)
             results[case] = {"err": err, "tol": tol}
         except Exception as e:  # noqa: BLE001 - reported per case to the judging process
             results[case] = {"error": f"{type(e).__name__}: {e}"}
+    try:
+        results.update(_check_two_ranks())
+    except Exception as e:  # noqa: BLE001
+        results.update({case: {"error": f"{type(e).__name__}: {e}"} for case in TWO_RANK_CASES})
     print("RESULTS " + json.dumps(results))
 
 
