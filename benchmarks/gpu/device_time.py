@@ -62,8 +62,8 @@ def _device_work(e) -> bool:
     """A kernel, memcpy or memset on the device; not a user annotation mirrored on the GPU track."""
     if getattr(e, "is_user_annotation", False):
         return False
-    kind = getattr(e, "activity_type", None)  # absent on older torch
-    return kind is None or str(kind).lower() in _DEVICE_WORK
+    kind = getattr(e, "activity_type", None)  # absent (or empty) on older torch
+    return not kind or str(kind).lower() in _DEVICE_WORK
 
 
 def direction_of(event) -> str:
