@@ -199,3 +199,21 @@ def test_no_cuda_without_dry_run_says_so(tmp_path):
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "no CUDA device: nothing measured" in out.read_text()
+
+
+class _Event:
+    def __init__(self, name, parent=None, activity_type=None, is_user_annotation=False):
+        self.name, self.cpu_parent = name, parent
+        self.activity_type, self.is_user_annotation = activity_type, is_user_annotation
+
+
+def test_profile_event_classification():
+    backward = _Event("CompiledFunctionBackward", _Event("autograd::engine::evaluate_function: CompiledFunctionBackward"))
+    wrapper = _Event("## Call CompiledFxGraph abc ##", backward)
+    assert device_time.direction_of(_Event("_c10d_functional::wait_tensor", wrapper)) == "backward"
+    assert device_time.direction_of(_Event("_c10d_functional::all_reduce_", _Event("CompiledFunction"))) == "forward"
+    assert device_time._device_work(_Event("triton_per_fused_0", activity_type="kernel"))
+    assert device_time._device_work(_Event("Memset (Device)", activity_type="gpu_memset"))
+    assert device_time._device_work(_Event("k"))  # older torch: no activity type
+    assert not device_time._device_work(_Event("## Call CompiledFxGraph", activity_type="gpu_user_annotation"))
+    assert not device_time._device_work(_Event("range", is_user_annotation=True))
