@@ -31,10 +31,17 @@ import torch.distributed as dist
 from .meet import Deadlock, post, post_and_wait
 from .options import BNPassError
 
-__all__ = ["AgreeFirst", "agree", "waits"]
+__all__ = ["AgreeFirst", "agree", "waits", "on_call"]
 
 _PREFIX = "bnpass/agree"
 _WAITS: list[dict] = []  # this process's agreements: direction, collectives, seconds waited
+_ON_CALL: list = []  # told (sequence, direction) at every call of a compiled graph (bnpass/join.py)
+
+
+def on_call(hook) -> None:
+    """Call ``hook(sequence, direction)`` before every run of every compiled graph from now on."""
+    if hook not in _ON_CALL:
+        _ON_CALL.append(hook)
 
 
 def waits() -> list[dict]:
@@ -160,6 +167,8 @@ class AgreeFirst:
             agree(self._sequence, self._record.sites, self._timeout_s, context, self._options,
                   self._direction)
             self._agreed = True
+        for hook in _ON_CALL:
+            hook(self._sequence, self._direction)
         return self._compiled(*args)
 
     def __getattr__(self, name):  # _boxed_call and the like of the compiled callable
