@@ -160,6 +160,7 @@ class Joinable(_TorchJoinable):
 
     # On an active rank, before each forward.
     def _begin_step(self) -> None:
+        self._check_first()
         _STEPS.begin()
         self._steps_in_context += 1
         work = Join.notify_join_context(self)  # first: a rank that joined waits for it
@@ -169,6 +170,15 @@ class Joinable(_TorchJoinable):
         if work is not None:
             self._ddp.reducer._set_forward_pass_work_handle(
                 work, getattr(self._ddp, "_divide_by_initial_world_size", True))
+
+    def _check_first(self) -> None:
+        """Raise (on every rank: each begins a step or joins first) unless this Joinable leads its Join."""
+        if self._join_config.enable and not self._join_config.is_first_joinable:
+            raise BNPassError(
+                "bnpass: bnpass.Joinable must come first in the Join list: Join([bnpass.Joinable("
+                "ddp_model), ddp_model, ...]). A joined rank runs the hooks in list order, and DDP's "
+                "waits for gradient buckets that the others issue only after the BatchNorm "
+                "statistics that bnpass's hook answers.")
 
     def _meet_at_start(self) -> None:
         token = f"start/{self._context}"
@@ -185,6 +195,7 @@ class Joinable(_TorchJoinable):
 
     # On a joined rank, once per step of the others.
     def _answer_step(self) -> None:
+        self._check_first()
         self._wait()
         if self._joined != self._context:
             self._joined = self._context

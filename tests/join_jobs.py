@@ -33,8 +33,10 @@ def _state(model: torch.nn.Module) -> dict:
             "buffers": {n: b.clone() for n, b in model.named_buffers()}}
 
 
-def train_uneven(rank: int, batches: tuple, backend: str, options: dict, divide: bool) -> dict:
-    """``batches[rank]`` SGD steps of a DDP(compiled MLPHead) under Join([bnpass.Joinable, DDP])."""
+def train_uneven(rank: int, batches: tuple, backend: str, options: dict, divide: bool,
+                 bnpass_first: bool = True) -> dict:
+    """``batches[rank]`` SGD steps of a DDP(compiled MLPHead) under Join([bnpass.Joinable, DDP])
+    (``bnpass_first`` false: Join([DDP, bnpass.Joinable]))."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
@@ -44,7 +46,7 @@ def train_uneven(rank: int, batches: tuple, backend: str, options: dict, divide:
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     ys = []
     start = time.monotonic()
-    with Join([joinable, ddp], divide_by_initial_world_size=divide):
+    with Join([joinable, ddp] if bnpass_first else [ddp, joinable], divide_by_initial_world_size=divide):
         for step in range(batches[rank]):
             x, w = data(step, rank)
             y = ddp(x)
@@ -63,11 +65,12 @@ def join_cases(rank: int, world_size: int, cases: list) -> dict:
             for name, batches, backend, options, divide in cases}
 
 
-def join_without_a_step(rank: int, world_size: int, batches: tuple) -> dict:
-    """A rank with no batch at all in this process: what every rank raises, and how soon."""
+def join_refused(rank: int, world_size: int, batches: tuple, bnpass_first: bool = True) -> dict:
+    """A Join that bnpass refuses (a rank with no batch at all in this process, or bnpass's
+    Joinable not first): what every rank raises, and how soon."""
     start = time.monotonic()
     try:
-        train_uneven(rank, batches, "bnpass_eager", {}, True)
+        train_uneven(rank, batches, "bnpass_eager", {}, True, bnpass_first)
     except bnpass.BNPassError as e:
         return {"error": str(e), "seconds": time.monotonic() - start, "exit_now": True}
     return {"error": None, "seconds": time.monotonic() - start}

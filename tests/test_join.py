@@ -72,11 +72,20 @@ def test_uneven_batches_under_join(eager_cases, name, transport):
 def test_a_rank_without_a_step_is_an_error_on_every_rank():
     """Rank 1 has no batch and never ran a step: it cannot know what to answer. Every rank raises a
     BNPassError naming it and the fix, at once (no wait of a timeout)."""
-    results = run_ranks("tests.join_jobs:join_without_a_step", 3, (2, 0, 1), deadline_s=120)
+    results = run_ranks("tests.join_jobs:join_refused", 3, (2, 0, 1), deadline_s=120)
     for rank, r in enumerate(results):
         assert r["error"] is not None, f"rank {rank} raised nothing"
         assert "rank 1 joined without having run a training step" in r["error"], r["error"]
         assert "at least one batch" in r["error"]
+        assert r["seconds"] < 30, r
+
+
+def test_bnpass_joinable_must_come_first():
+    """Join([ddp_model, bnpass.Joinable(ddp_model)]) would hang a joined rank in DDP's hook: every
+    rank raises a BNPassError saying the order, at its first step."""
+    results = run_ranks("tests.join_jobs:join_refused", 3, (2, 2, 1), False, deadline_s=120)
+    for rank, r in enumerate(results):
+        assert r["error"] is not None and "must come first in the Join list" in r["error"], r
         assert r["seconds"] < 30, r
 
 
