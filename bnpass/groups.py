@@ -40,7 +40,7 @@ from .errors import BNPassError
 from .meet import Deadlock, post_and_wait
 
 __all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe", "stand_in",
-           "set_stand_in", "stand_in_names"]
+           "make_stand_in", "stand_in_names"]
 
 _PREFIX = "bnpass/subgroup"
 
@@ -69,8 +69,16 @@ def stand_in(group_name: Optional[str]) -> Optional[dist.ProcessGroup]:
     return group if group is not None and group in dist.distributed_c10d._world.pg_map else None
 
 
-def set_stand_in(group_name: str, group: dist.ProcessGroup) -> None:
-    _STAND_INS[group_name] = group
+def make_stand_in(base: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A group of ``base``'s ranks, with its timeout, that bnpass reduces over in place of ``base``
+    from now on (``stand_in``); made once per process. Every rank of the default group must call
+    this alike (``new_group``)."""
+    made = stand_in(base.group_name)
+    if made is None:
+        made = dist.new_group(dist.get_process_group_ranks(base), timeout=_timeout_of(base),
+                              backend=dist.get_backend(base), group_desc="bnpass_join")
+        _STAND_INS[base.group_name] = made
+    return made
 
 
 def stand_in_names() -> set[str]:

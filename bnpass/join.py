@@ -54,38 +54,47 @@ from torch.distributed.algorithms.join import Joinable as _TorchJoinable
 
 from . import agree
 from .errors import BNPassError
-from .groups import set_stand_in, stand_in, stand_in_names
+from .groups import make_stand_in, stand_in_names
 from .meet import Deadlock, hold, post_and_wait
 
 __all__ = ["Joinable"]
 
 _PREFIX = "bnpass/join"
+_ASIDE = ("has joined (DDP's Join: it ran out of batches) and answers the collectives of the last step "
+          "it ran; this graph, compiled since, issues others, which it cannot answer. Under Join, "
+          "steps after a rank joined must run graphs with the collectives of the steps before (a "
+          "recompile for another batch size has the same)")
 _ALL_REDUCE = str(torch.ops._c10d_functional.all_reduce.default)
 
 
 class _Steps:
-    """This process's steps: the sequences of the graphs run since the last step began."""
+    """One DDP model's steps in this process: how many began, and the collective sequences of the
+    graphs run since the last one began (kept across the Joinables made for the model)."""
 
     def __init__(self):
         self.begun = 0
         self.current: list[list[dict]] = []
-        self.joinable = None  # the latest Joinable: whether a Join is on, for the checks
-        self.checked: set[int] = set()
+
+
+class _Log:
+    """What every compiled graph's run is noted into: the steps of the model whose step runs."""
+
+    def __init__(self):
+        self.joinable = None  # the Joinable whose model began the latest step
+        self.checked: dict[int, list] = {}  # id -> sequence: those a joined rank could answer
         self.contexts = 0  # Join contexts made in this process (the same count on every rank)
 
-    def begin(self) -> None:
-        self.begun += 1
-        self.current = []
-
     def note(self, sequence: list[dict], direction: str) -> None:
-        self.current.append(sequence)
         joinable = self.joinable
-        if id(sequence) not in self.checked and joinable is not None and joinable._join_config.enable:
+        if joinable is None:
+            return
+        joinable._steps.current.append(sequence)
+        if id(sequence) not in self.checked and joinable._join_config.enable:
             _check(sequence, direction)
-            self.checked.add(id(sequence))
+            self.checked[id(sequence)] = sequence
 
 
-_STEPS = _Steps()
+_LOG = _Log()
 _BY_MODULE: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()  # DDP module -> its Joinable
 
 
@@ -107,15 +116,6 @@ def _check(sequence: list[dict], direction: str) -> None:
                 "not supported under Join.")
 
 
-def _group_for(base: dist.ProcessGroup) -> dist.ProcessGroup:
-    """The group of ``base``'s ranks that bnpass reduces over in its place (made once)."""
-    made = stand_in(base.group_name)
-    if made is None:
-        made = dist.new_group(dist.get_process_group_ranks(base), backend=dist.get_backend(base))
-        set_stand_in(base.group_name, made)
-    return made
-
-
 class Joinable(_TorchJoinable):
     """``Join([bnpass.Joinable(ddp_model), ddp_model])``: bnpass's BatchNorm collectives under DDP's
     Join. ``ddp_model``: the ``DistributedDataParallel`` module (around the compiled model:
@@ -131,23 +131,24 @@ class Joinable(_TorchJoinable):
                 f"{type(ddp_model).__name__}: ddp_model = DDP(torch.compile(model, backend='bnpass')); "
                 "Join([bnpass.Joinable(ddp_model), ddp_model])")
         self._ddp = ddp_model
-        self.group = _group_for(ddp_model.process_group)
+        self.group = make_stand_in(ddp_model.process_group)
         self._ranks = dist.get_process_group_ranks(ddp_model.process_group)
         self.timeout_s = timeout_s
         self.answered = {"steps": 0, "collectives": 0}
         self._context = self._met = self._joined = -1
+        self._aside = None
         self._steps_in_context = 0
         self._thread, self._error = None, None
-        if ddp_model not in _BY_MODULE:
+        previous = _BY_MODULE.get(ddp_model)
+        if previous is None:
             ddp_model.register_forward_pre_hook(_step_begins)
+        self._steps = previous._steps if previous is not None else _Steps()
         _BY_MODULE[ddp_model] = self
-        _STEPS.joinable = self
-        agree.on_call(_STEPS.note)
+        agree.on_call(_LOG.note)
 
     def join_hook(self, **kwargs) -> JoinHook:
-        _STEPS.contexts += 1
-        self._context, self._steps_in_context = _STEPS.contexts, 0
-        _STEPS.joinable = self
+        _LOG.contexts += 1
+        self._context, self._steps_in_context = _LOG.contexts, 0
         return _Hook(self)
 
     @property
@@ -161,7 +162,9 @@ class Joinable(_TorchJoinable):
     # On an active rank, before each forward.
     def _begin_step(self) -> None:
         self._check_first()
-        _STEPS.begin()
+        self._steps.begun += 1
+        self._steps.current = []
+        _LOG.joinable = self
         self._steps_in_context += 1
         work = Join.notify_join_context(self)  # first: a rank that joined waits for it
         if self._join_config.enable and self._met != self._context:
@@ -201,7 +204,8 @@ class Joinable(_TorchJoinable):
             self._joined = self._context
             if self._steps_in_context == 0:
                 self._joined_before_any_step()
-        sequences = list(_STEPS.current)
+            self._aside = agree.stand_aside(_ASIDE, self._ranks, f"join/{self._context}")
+        sequences = list(self._steps.current)
         self._thread = threading.Thread(target=self._answer, args=(sequences,), daemon=True,
                                         name="bnpass-join")
         self._thread.start()
@@ -210,13 +214,13 @@ class Joinable(_TorchJoinable):
 
     def _joined_before_any_step(self) -> None:
         """This Join's first step: meet the others (bnpass/meet.py) or tell them why not."""
-        if _STEPS.begun:  # an earlier Join's last step says what to answer
+        if self._steps.begun:  # an earlier Join's last step says what to answer
             post_and_wait(_PREFIX, f"start/{self._context}", "{}", [dist.get_rank()], self.timeout_s)
             return
-        why = ("joined without having run a training step in this process, so it cannot know which "
-               "BatchNorm collectives to answer: give every rank at least one batch per epoch "
-               "(e.g. DistributedSampler(..., drop_last=False)), or drop the empty rank's data "
-               "before the loop")
+        why = ("joined without having run a training step of this model in this process, so it cannot know which "
+               "BatchNorm collectives to answer: give every rank at least one batch in its first "
+               "Join (DistributedSampler with drop_last=False gives every rank the same number); "
+               "a rank that ran a step under an earlier Join answers with that step's collectives")
         hold(_PREFIX, f"no-step/{self._context}", json.dumps({"why": why}), self._ranks)
         raise BNPassError(f"bnpass: rank {dist.get_rank()} {why}")
 
@@ -256,4 +260,8 @@ class _Hook(JoinHook):
         self.joinable._answer_step()
 
     def post_hook(self, is_last_joiner: bool) -> None:
-        self.joinable._wait()
+        joinable = self.joinable
+        if joinable._joined == joinable._context:
+            agree.step_back_in(joinable._aside)
+        _LOG.joinable = None  # until the model's next step: nothing else is noted into its steps
+        joinable._wait()

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["post", "post_and_wait", "hold", "Deadlock"]
+__all__ = ["post", "post_and_wait", "hold", "release", "Deadlock"]
 
 _POLL_S = (0.002, 0.1)  # first and longest interval between two looks at the store
 
@@ -58,6 +58,15 @@ def hold(prefix: str, token: str, latest: str, ranks: list[int]) -> None:
     rank = dist.get_rank()
     store.set(f"{prefix}/latest/{rank}", latest)
     store.set(f"{prefix}/waiting/{rank}", json.dumps({"token": token, "ranks": list(ranks)}))
+
+
+def release(prefix: str, latest: Optional[str]) -> None:
+    """End a ``hold``: this rank waits for nobody, and ``latest`` (if given) is what it last brought."""
+    store = dist.distributed_c10d._get_default_store()
+    rank = dist.get_rank()
+    if latest is not None:
+        store.set(f"{prefix}/latest/{rank}", latest)
+    store.set(f"{prefix}/waiting/{rank}", "")
 
 
 def post_and_wait(prefix: str, token: str, latest: str, ranks: list[int], timeout_s: float) -> bool:

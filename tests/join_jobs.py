@@ -33,63 +33,80 @@ def _state(model: torch.nn.Module) -> dict:
             "buffers": {n: b.clone() for n, b in model.named_buffers()}}
 
 
-def train_uneven(rank: int, batches: tuple, backend: str, options: dict, divide: bool,
-                 bnpass_first: bool = True) -> dict:
-    """``batches[rank]`` SGD steps of a DDP(compiled MLPHead) under Join([bnpass.Joinable, DDP])
-    (``bnpass_first`` false: Join([DDP, bnpass.Joinable]))."""
+def steps_of(epochs: tuple) -> list[list[int]]:
+    """The global steps, each the ranks that still have a batch in it: ``epochs[e][r]`` batches of
+    rank r in epoch e, one Join per epoch."""
+    return [[r for r, n in enumerate(batches) if n > i] for batches in epochs for i in range(max(batches))]
+
+
+def train_uneven(rank: int, epochs: tuple, backend: str, options: dict, divide: bool,
+                 bnpass_first: bool = True, eval_bn2_at: int | None = None) -> dict:
+    """SGD steps of a DDP(compiled MLPHead), each epoch under its own
+    ``Join([bnpass.Joinable(ddp), ddp])`` (``bnpass_first`` false: the other order), rank r
+    training ``epochs[e][r]`` batches in epoch e; from this rank's step ``eval_bn2_at`` on, bn2 in
+    eval mode (a graph with other collectives). ``y``: (global step, output) of each step run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
     model = build()
     ddp = DDP(torch.compile(model, backend=backend, options=options))
-    joinable = bnpass.Joinable(ddp)  # before the model's first call
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
-    ys = []
+    ys, answered, mine = [], {"steps": 0, "collectives": 0}, 0
     start = time.monotonic()
-    with Join([joinable, ddp] if bnpass_first else [ddp, joinable], divide_by_initial_world_size=divide):
-        for step in range(batches[rank]):
-            x, w = data(step, rank)
-            y = ddp(x)
-            (y * w).sum().backward()
-            opt.step()
-            opt.zero_grad()
-            ys.append(y.detach().clone())
+    global_step = 0
+    for batches in epochs:
+        joinable = bnpass.Joinable(ddp)  # before the model's first call (and again each epoch)
+        with Join([joinable, ddp] if bnpass_first else [ddp, joinable], divide_by_initial_world_size=divide):
+            for i in range(batches[rank]):
+                if mine == eval_bn2_at:
+                    model.bn2.eval()
+                x, w = data(global_step + i, rank)
+                y = ddp(x)
+                (y * w).sum().backward()
+                opt.step()
+                opt.zero_grad()
+                ys.append((global_step + i, y.detach().clone()))
+                mine += 1
+        global_step += max(batches)
+        answered = {k: answered[k] + joinable.answered[k] for k in answered}
     return {"y": ys, **_state(model), "records": [r.to_json() for r in bnpass.compile_records()],
-            "graph_breaks": graph_breaks(), "answered": dict(joinable.answered),
+            "graph_breaks": graph_breaks(), "answered": answered,
             "join_group": joinable.group.group_name, "seconds": time.monotonic() - start}
 
 
 def join_cases(rank: int, world_size: int, cases: list) -> dict:
-    """Each case (name, batches per rank, backend, options, divide_by_initial_world_size) in turn."""
-    return {name: train_uneven(rank, batches, backend, options, divide)
-            for name, batches, backend, options, divide in cases}
+    """Each case (name, epochs, backend, options, divide_by_initial_world_size) in turn."""
+    return {name: train_uneven(rank, epochs, backend, options, divide)
+            for name, epochs, backend, options, divide in cases}
 
 
-def join_refused(rank: int, world_size: int, batches: tuple, bnpass_first: bool = True) -> dict:
-    """A Join that bnpass refuses (a rank with no batch at all in this process, or bnpass's
-    Joinable not first): what every rank raises, and how soon."""
+def join_refused(rank: int, world_size: int, epochs: tuple, bnpass_first: bool = True,
+                 eval_bn2_at: int | None = None) -> dict:
+    """A Join that bnpass refuses (a rank with no batch at all in this process, bnpass's Joinable
+    not first, a step that compiles other collectives after a rank joined): what each rank raises
+    (``bnpass``: whether a BNPassError), and how soon."""
     start = time.monotonic()
     try:
-        train_uneven(rank, batches, "bnpass_eager", {}, True, bnpass_first)
-    except bnpass.BNPassError as e:
-        return {"error": str(e), "seconds": time.monotonic() - start, "exit_now": True}
+        train_uneven(rank, epochs, "bnpass_eager", {}, True, bnpass_first, eval_bn2_at)
+    except Exception as e:  # noqa: BLE001 - reported to the test
+        return {"error": str(e), "bnpass": isinstance(e, bnpass.BNPassError),
+                "seconds": time.monotonic() - start, "exit_now": True}
     return {"error": None, "seconds": time.monotonic() - start}
 
 
-def reference(batches: tuple, divide: bool) -> dict:
+def reference(epochs: tuple, divide: bool) -> dict:
     """float64, one process: each step on the concatenation of the batches of the ranks that still
     have one; gradients summed over those ranks and divided as DDP under Join divides them (by the
-    initial world size, or by the ranks still training)."""
+    initial world size, or by the ranks still training). ``y``: per step, rank -> its output."""
     model = build(torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     ys = []
-    for step in range(max(batches)):
-        active = [r for r, n in enumerate(batches) if n > step]
+    for step, active in enumerate(steps_of(epochs)):
         xs, ws = zip(*(data(step, r) for r in active))
         y = model(torch.cat(xs).double())
         (y * torch.cat(ws).double()).sum().backward()
         for p in model.parameters():
-            p.grad /= len(batches) if divide else len(active)
+            p.grad /= len(epochs[0]) if divide else len(active)
         opt.step()
         opt.zero_grad()
         ys.append(dict(zip(active, y.detach().split([BATCH_SIZES[r] for r in active]))))
