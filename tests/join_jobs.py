@@ -40,16 +40,18 @@ def steps_of(epochs: tuple) -> list[list[int]]:
 
 
 def train_uneven(rank: int, epochs: tuple, backend: str, options: dict, divide: bool,
-                 bnpass_first: bool = True, eval_bn2_at: int | None = None) -> dict:
+                 bnpass_first: bool = True, eval_bn2_at: int | None = None,
+                 broadcast_buffers: bool = True) -> dict:
     """SGD steps of a DDP(compiled MLPHead), each epoch under its own
     ``Join([bnpass.Joinable(ddp), ddp])`` (``bnpass_first`` false: the other order), rank r
     training ``epochs[e][r]`` batches in epoch e; from this rank's step ``eval_bn2_at`` on, bn2 in
-    eval mode (a graph with other collectives). ``y``: (global step, output) of each step run."""
+    eval mode (a graph with other collectives); ``broadcast_buffers``: DDP's. ``y``: (global step,
+    output) of each step run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
     model = build()
-    ddp = DDP(torch.compile(model, backend=backend, options=options))
+    ddp = DDP(torch.compile(model, backend=backend, options=options), broadcast_buffers=broadcast_buffers)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     ys, answered, mine = [], {"steps": 0, "collectives": 0}, 0
     start = time.monotonic()
@@ -75,9 +77,10 @@ def train_uneven(rank: int, epochs: tuple, backend: str, options: dict, divide: 
 
 
 def join_cases(rank: int, world_size: int, cases: list) -> dict:
-    """Each case (name, epochs, backend, options, divide_by_initial_world_size) in turn."""
-    return {name: train_uneven(rank, epochs, backend, options, divide)
-            for name, epochs, backend, options, divide in cases}
+    """Each case (name, epochs, backend, options, divide_by_initial_world_size, broadcast_buffers)
+    in turn."""
+    return {name: train_uneven(rank, epochs, backend, options, divide, broadcast_buffers=broadcast)
+            for name, epochs, backend, options, divide, broadcast in cases}
 
 
 def join_refused(rank: int, world_size: int, epochs: tuple, bnpass_first: bool = True,
@@ -97,10 +100,11 @@ def join_refused(rank: int, world_size: int, epochs: tuple, bnpass_first: bool =
 def reference(epochs: tuple, divide: bool) -> dict:
     """float64, one process: each step on the concatenation of the batches of the ranks that still
     have one; gradients summed over those ranks and divided as DDP under Join divides them (by the
-    initial world size, or by the ranks still training). ``y``: per step, rank -> its output."""
+    initial world size, or by the ranks still training). ``y``: per step, rank -> its output;
+    ``buffers_after``: the buffers after each step."""
     model = build(torch.float64)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    ys = []
+    ys, buffers_after = [], []
     for step, active in enumerate(steps_of(epochs)):
         xs, ws = zip(*(data(step, r) for r in active))
         y = model(torch.cat(xs).double())
@@ -110,4 +114,5 @@ def reference(epochs: tuple, divide: bool) -> dict:
         opt.step()
         opt.zero_grad()
         ys.append(dict(zip(active, y.detach().split([BATCH_SIZES[r] for r in active]))))
-    return {"y": ys, **_state(model)}
+        buffers_after.append(_state(model)["buffers"])
+    return {"y": ys, **_state(model), "buffers_after": buffers_after}
