@@ -130,6 +130,9 @@ class Joinable(_TorchJoinable):
                 f"bnpass.Joinable takes the DistributedDataParallel module, got "
                 f"{type(ddp_model).__name__}: ddp_model = DDP(torch.compile(model, backend='bnpass')); "
                 "Join([bnpass.Joinable(ddp_model), ddp_model])")
+        if ddp_model.process_group != dist.group.WORLD:
+            raise BNPassError("bnpass.Joinable supports DDP over the default process group only (it "
+                              "makes a group of the same ranks, which every rank must make alike)")
         self._ddp = ddp_model
         self.group = make_stand_in(ddp_model.process_group)
         self._ranks = dist.get_process_group_ranks(ddp_model.process_group)
@@ -217,10 +220,11 @@ class Joinable(_TorchJoinable):
         if self._steps.begun:  # an earlier Join's last step says what to answer
             post_and_wait(_PREFIX, f"start/{self._context}", "{}", [dist.get_rank()], self.timeout_s)
             return
-        why = ("joined without having run a training step of this model in this process, so it cannot know which "
-               "BatchNorm collectives to answer: give every rank at least one batch in its first "
-               "Join (DistributedSampler with drop_last=False gives every rank the same number); "
-               "a rank that ran a step under an earlier Join answers with that step's collectives")
+        why = ("joined without having run a training step of this model in this process, so it "
+               "cannot know which BatchNorm collectives to answer: give every rank at least one "
+               "batch in its first Join (DistributedSampler with drop_last=False gives every rank "
+               "the same number); a rank that ran a step under an earlier Join answers with that "
+               "step's collectives")
         hold(_PREFIX, f"no-step/{self._context}", json.dumps({"why": why}), self._ranks)
         raise BNPassError(f"bnpass: rank {dist.get_rank()} {why}")
 

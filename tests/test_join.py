@@ -96,7 +96,8 @@ def test_a_rank_without_a_step_is_an_error_on_every_rank():
     """Rank 1 has no batch and never ran a step: it cannot know what to answer. Every rank raises a
     BNPassError naming it and the fix, at once (no wait of a timeout)."""
     for r in refused(((2, 0, 1),)):
-        assert r["bnpass"] and "rank 1 joined without having run a training step of this model" in r["error"], r
+        assert r["bnpass"], r
+        assert "rank 1 joined without having run a training step of this model" in r["error"], r
         assert "at least one batch" in r["error"]
         assert r["seconds"] < 30, r
 
@@ -126,3 +127,12 @@ def test_uneven_batches_under_join_inductor():
     cases = [("inductor", ((3, 5, 4),), "bnpass", {}, True, True)]
     per_rank = [r["inductor"] for r in run_ranks("tests.join_jobs:join_cases", 3, cases, deadline_s=600)]
     check_case(per_rank, ((3, 5, 4),), True, "shm")
+
+
+def test_joinable_takes_the_ddp_module():
+    import torch
+
+    import bnpass
+
+    with pytest.raises(bnpass.BNPassError, match="takes the DistributedDataParallel module"):
+        bnpass.Joinable(torch.nn.Linear(2, 2))
