@@ -6,6 +6,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.nn.functional as F
 from torch.distributed.algorithms.join import Join
 from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -23,9 +24,18 @@ def data(step: int, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(n, 5, generator=g) * 2 + 1, torch.randn(n, 6, generator=g)
 
 
-def build(dtype=torch.float32) -> torch.nn.Module:
+class BrokenHead(MLPHead):
+    """MLPHead with a graph break between its BatchNorms: two compiled graphs per step."""
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.fc1(x)))
+        torch._dynamo.graph_break()
+        return self.bn2(self.fc2(y))
+
+
+def build(dtype=torch.float32, model: str = "MLPHead") -> torch.nn.Module:
     torch.manual_seed(0)
-    return MLPHead().to(dtype)
+    return {"MLPHead": MLPHead, "BrokenHead": BrokenHead}[model]().to(dtype)
 
 
 def _state(model: torch.nn.Module) -> dict:
@@ -39,19 +49,19 @@ def steps_of(epochs: tuple) -> list[list[int]]:
     return [[r for r, n in enumerate(batches) if n > i] for batches in epochs for i in range(max(batches))]
 
 
-def train_uneven(rank: int, epochs: tuple, backend: str, options: dict, divide: bool,
-                 bnpass_first: bool = True, eval_bn2_at: int | None = None,
-                 broadcast_buffers: bool = True) -> dict:
-    """SGD steps of a DDP(compiled MLPHead), each epoch under its own
+def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", options: dict | None = None,
+                 divide: bool = True, bnpass_first: bool = True, eval_bn2_at: int | None = None,
+                 broadcast_buffers: bool = True, model: str = "MLPHead") -> dict:
+    """SGD steps of a DDP(compiled ``model``), each epoch under its own
     ``Join([bnpass.Joinable(ddp), ddp])`` (``bnpass_first`` false: the other order), rank r
     training ``epochs[e][r]`` batches in epoch e; from this rank's step ``eval_bn2_at`` on, bn2 in
-    eval mode (a graph with other collectives); ``broadcast_buffers``: DDP's. ``y``: (global step,
-    output) of each step run."""
+    eval mode (a graph with other collectives); ``divide``: Join's divide_by_initial_world_size;
+    ``broadcast_buffers``: DDP's. ``y``: (global step, output) of each step run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
-    model = build()
-    ddp = DDP(torch.compile(model, backend=backend, options=options), broadcast_buffers=broadcast_buffers)
+    model = build(model=model)
+    ddp = DDP(torch.compile(model, backend=backend, options=options or {}), broadcast_buffers=broadcast_buffers)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.1)
     ys, answered, mine = [], {"steps": 0, "collectives": 0}, 0
     start = time.monotonic()
@@ -73,24 +83,22 @@ def train_uneven(rank: int, epochs: tuple, backend: str, options: dict, divide: 
         answered = {k: answered[k] + joinable.answered[k] for k in answered}
     return {"y": ys, **_state(model), "records": [r.to_json() for r in bnpass.compile_records()],
             "graph_breaks": graph_breaks(), "answered": answered,
+            "graph_break_reasons": {k[:400]: v for k, v in torch._dynamo.utils.counters["graph_break"].items()},
             "join_group": joinable.group.group_name, "seconds": time.monotonic() - start}
 
 
-def join_cases(rank: int, world_size: int, cases: list) -> dict:
-    """Each case (name, epochs, backend, options, divide_by_initial_world_size, broadcast_buffers)
-    in turn."""
-    return {name: train_uneven(rank, epochs, backend, options, divide, broadcast_buffers=broadcast)
-            for name, epochs, backend, options, divide, broadcast in cases}
+def join_cases(rank: int, world_size: int, cases: dict) -> dict:
+    """Each case (name -> train_uneven's keyword arguments) in turn."""
+    return {name: train_uneven(rank, **kwargs) for name, kwargs in cases.items()}
 
 
-def join_refused(rank: int, world_size: int, epochs: tuple, bnpass_first: bool = True,
-                 eval_bn2_at: int | None = None) -> dict:
+def join_refused(rank: int, world_size: int, kwargs: dict) -> dict:
     """A Join that bnpass refuses (a rank with no batch at all in this process, bnpass's Joinable
     not first, a step that compiles other collectives after a rank joined): what each rank raises
-    (``bnpass``: whether a BNPassError), and how soon."""
+    (``bnpass``: whether a BNPassError), and how soon. ``kwargs``: train_uneven's."""
     start = time.monotonic()
     try:
-        train_uneven(rank, epochs, "bnpass_eager", {}, True, bnpass_first, eval_bn2_at)
+        train_uneven(rank, **kwargs)
     except Exception as e:  # noqa: BLE001 - reported to the test
         return {"error": str(e), "bnpass": isinstance(e, bnpass.BNPassError),
                 "seconds": time.monotonic() - start, "exit_now": True}

@@ -21,25 +21,25 @@ from tests.join_jobs import reference, steps_of
 
 TOL = 2e-5
 COLLECTIVES_PER_STEP = 4  # MLPHead: two BatchNorms in sequence, one all_reduce each per direction
-CASES = [
-    # name, batches per rank in each epoch (one Join each), backend, options,
-    # divide_by_initial_world_size, DDP's broadcast_buffers
-    ("shm", ((3, 5, 4),), "bnpass_eager", {}, True, True),
-    ("process_group", ((3, 5, 4),), "bnpass_eager", {"transport": "process_group"}, False, True),
-    ("two_epochs", ((2, 2, 1), (0, 2, 1)), "bnpass_eager", {}, True, True),
-    ("no_broadcast", ((3, 5, 4),), "bnpass_eager", {}, True, False),
-]
-TRANSPORT = {"process_group": "process_group"}  # the others: "shm"
+CASES = {  # name -> tests/join_jobs.py train_uneven's keyword arguments (bnpass_eager by default)
+    "shm": {"epochs": ((3, 5, 4),)},
+    "process_group": {"epochs": ((3, 5, 4),), "options": {"transport": "process_group"}, "divide": False},
+    "two_epochs": {"epochs": ((2, 2, 1), (0, 2, 1))},
+    "no_broadcast": {"epochs": ((3, 5, 4),), "broadcast_buffers": False},
+    "graph_break": {"epochs": ((1, 3, 2),), "model": "BrokenHead"},
+}
 
 
 @pytest.fixture(scope="module")
 def eager_cases():
     results = run_ranks("tests.join_jobs:join_cases", 3, CASES, deadline_s=300)
-    return {name: [r[name] for r in results] for name, *_ in CASES}
+    return {name: [r[name] for r in results] for name in CASES}
 
 
-def check_case(per_rank: list[dict], epochs: tuple, divide: bool, transport: str,
-               broadcast_buffers: bool = True) -> None:
+def check_case(per_rank: list[dict], epochs: tuple, divide: bool = True, broadcast_buffers: bool = True,
+               options: dict | None = None, model: str = "MLPHead", **_) -> None:
+    transport = (options or {}).get("transport", "shm")  # "auto": shared memory, on one host
+    graphs = 2 if model == "BrokenHead" else 1
     ref = reference(epochs, divide)
     steps = steps_of(epochs)
     errors = {}
@@ -61,7 +61,8 @@ def check_case(per_rank: list[dict], epochs: tuple, divide: bool, transport: str
             note(f"buffers:{name}", r["buffers"][name], expected)
     bad = {k: v for k, v in errors.items() if not v <= TOL}
     assert not bad, f"relative errors against float64: {bad}"
-    assert_counts(per_rank, sites=2, synced=2, forward=2, backward=2)
+    assert_counts(per_rank, sites=2, synced=2, forward=2, backward=2, graphs=graphs,
+                  breaks_outside_bn=("graph_break",) if graphs == 2 else ())
     group = per_rank[0]["join_group"]
     for rank, r in enumerate(per_rank):
         assert r["join_group"] == group != "0"  # a group of its own, the same name on every rank
@@ -73,20 +74,21 @@ def check_case(per_rank: list[dict], epochs: tuple, divide: bool, transport: str
         assert issued == len(steps) * COLLECTIVES_PER_STEP  # every rank issued every collective
 
 
-@pytest.mark.parametrize("name", [c[0] for c in CASES])
+@pytest.mark.parametrize("name", list(CASES))
 def test_uneven_batches_under_join(eager_cases, name):
     """``shm``: 3, 5 and 4 batches, gradients divided by the initial world size (Join's default);
     ``process_group``: the same through the process group, divided by the ranks still training
     (``divide_by_initial_world_size=False``, which bnpass's hook hands DDP's reducer);
     ``two_epochs``: a new Joinable per epoch, rank 0 without a batch in the second (it answers
     with the steps of the first); ``no_broadcast``: DDP's ``broadcast_buffers=False``, a joined
-    rank keeps the running statistics of its last step."""
-    _, epochs, _, _, divide, broadcast = next(c for c in CASES if c[0] == name)
-    check_case(eager_cases[name], epochs, divide, TRANSPORT.get(name, "shm"), broadcast)
+    rank keeps the running statistics of its last step; ``graph_break``: two compiled graphs per
+    step, whose collectives a joined rank answers in the order they ran."""
+    check_case(eager_cases[name], **CASES[name])
 
 
-def refused(*args, **kwargs) -> list[dict]:
-    results = run_ranks("tests.join_jobs:join_refused", 3, *args, deadline_s=120, **kwargs)
+def refused(pg_timeout_s: float = 120.0, **kwargs) -> list[dict]:
+    """tests/join_jobs.py join_refused with ``kwargs``: every rank must have raised."""
+    results = run_ranks("tests.join_jobs:join_refused", 3, kwargs, deadline_s=120, pg_timeout_s=pg_timeout_s)
     for rank, r in enumerate(results):
         assert r["error"] is not None, f"rank {rank} raised nothing"
     return results
@@ -95,7 +97,7 @@ def refused(*args, **kwargs) -> list[dict]:
 def test_a_rank_without_a_step_is_an_error_on_every_rank():
     """Rank 1 has no batch and never ran a step: it cannot know what to answer. Every rank raises a
     BNPassError naming it and the fix, at once (no wait of a timeout)."""
-    for r in refused(((2, 0, 1),)):
+    for r in refused(epochs=((2, 0, 1),)):
         assert r["bnpass"], r
         assert "rank 1 joined without having run a training step of this model" in r["error"], r
         assert "at least one batch" in r["error"]
@@ -105,7 +107,7 @@ def test_a_rank_without_a_step_is_an_error_on_every_rank():
 def test_bnpass_joinable_must_come_first():
     """Join([ddp_model, bnpass.Joinable(ddp_model)]) would hang a joined rank in DDP's hook: every
     rank raises a BNPassError saying the order, at its first step."""
-    for r in refused(((2, 2, 1),), False):
+    for r in refused(epochs=((2, 2, 1),), bnpass_first=False):
         assert r["bnpass"] and "must come first in the Join list" in r["error"], r
         assert r["seconds"] < 30, r
 
@@ -115,7 +117,7 @@ def test_a_graph_with_other_collectives_after_a_rank_joined():
     forward collective fewer, which the joined ranks cannot answer. Rank 1 raises a BNPassError
     saying so at once (not after agree_timeout_s); the joined ranks, left in DDP's own bucket
     all_reduce, end when rank 1 exits or at the process group's timeout (5 s here)."""
-    results = refused(((2, 3, 2),), True, 2, pg_timeout_s=5)
+    results = refused(epochs=((2, 3, 2),), eval_bn2_at=2, pg_timeout_s=5)
     error = results[1]["error"]
     assert results[1]["bnpass"] and "rank 0 has joined (DDP's Join" in error, error
     assert float(re.search(r"after ([\d.]+) s", error).group(1)) < 5, error
@@ -124,9 +126,10 @@ def test_a_graph_with_other_collectives_after_a_rank_joined():
 @pytest.mark.slow
 def test_uneven_batches_under_join_inductor():
     """The same as ``shm`` under Inductor (``backend="bnpass"``)."""
-    cases = [("inductor", ((3, 5, 4),), "bnpass", {}, True, True)]
-    per_rank = [r["inductor"] for r in run_ranks("tests.join_jobs:join_cases", 3, cases, deadline_s=600)]
-    check_case(per_rank, ((3, 5, 4),), True, "shm")
+    case = {"epochs": ((3, 5, 4),), "backend": "bnpass"}
+    per_rank = [r["inductor"] for r in run_ranks("tests.join_jobs:join_cases", 3, {"inductor": case},
+                                                 deadline_s=600)]
+    check_case(per_rank, **case)
 
 
 def test_joinable_takes_the_ddp_module():
