@@ -3,6 +3,7 @@ float64 reference over the batches that were really trained."""
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import torch
@@ -51,12 +52,13 @@ def steps_of(epochs: tuple) -> list[list[int]]:
 
 def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", options: dict | None = None,
                  divide: bool = True, bnpass_first: bool = True, eval_bn2_at: int | None = None,
-                 broadcast_buffers: bool = True, model: str = "MLPHead") -> dict:
+                 broadcast_buffers: bool = True, model: str = "MLPHead", join_from_epoch: int = 0) -> dict:
     """SGD steps of a DDP(compiled ``model``), each epoch under its own
     ``Join([bnpass.Joinable(ddp), ddp])`` (``bnpass_first`` false: the other order), rank r
     training ``epochs[e][r]`` batches in epoch e; from this rank's step ``eval_bn2_at`` on, bn2 in
     eval mode (a graph with other collectives); ``divide``: Join's divide_by_initial_world_size;
-    ``broadcast_buffers``: DDP's. ``y``: (global step, output) of each step run."""
+    ``broadcast_buffers``: DDP's; epochs before ``join_from_epoch`` run before any Joinable is made,
+    without Join (their batches must be even). ``y``: (global step, output) of each step run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
@@ -66,9 +68,14 @@ def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", option
     ys, answered, mine = [], {"steps": 0, "collectives": 0}, 0
     start = time.monotonic()
     global_step = 0
-    for batches in epochs:
-        joinable = bnpass.Joinable(ddp)  # before the model's first call (and again each epoch)
-        with Join([joinable, ddp] if bnpass_first else [ddp, joinable], divide_by_initial_world_size=divide):
+    for epoch, batches in enumerate(epochs):
+        joined = epoch >= join_from_epoch
+        context = contextlib.nullcontext()
+        if joined:
+            joinable = bnpass.Joinable(ddp)  # before the model's first call (and again each epoch)
+            context = Join([joinable, ddp] if bnpass_first else [ddp, joinable],
+                           divide_by_initial_world_size=divide)
+        with context:
             for i in range(batches[rank]):
                 if mine == eval_bn2_at:
                     model.bn2.eval()
@@ -80,7 +87,8 @@ def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", option
                 ys.append((global_step + i, y.detach().clone()))
                 mine += 1
         global_step += max(batches)
-        answered = {k: answered[k] + joinable.answered[k] for k in answered}
+        if joined:
+            answered = {k: answered[k] + joinable.answered[k] for k in answered}
     return {"y": ys, **_state(model), "records": [r.to_json() for r in bnpass.compile_records()],
             "graph_breaks": graph_breaks(), "answered": answered,
             "graph_break_reasons": {k[:400]: v for k, v in torch._dynamo.utils.counters["graph_break"].items()},

@@ -22,6 +22,9 @@ from tests.join_jobs import reference, steps_of
 TOL = 2e-5
 COLLECTIVES_PER_STEP = 4  # MLPHead: two BatchNorms in sequence, one all_reduce each per direction
 CASES = {  # name -> tests/join_jobs.py train_uneven's keyword arguments (bnpass_eager by default)
+    # first, before any Joinable of the process: compiled before the Joinable was made, so over
+    # the default group, through shared memory
+    "compiled_before": {"epochs": ((1, 1, 1), (2, 3, 1)), "join_from_epoch": 1},
     "shm": {"epochs": ((3, 5, 4),)},
     "process_group": {"epochs": ((3, 5, 4),), "options": {"transport": "process_group"}, "divide": False},
     "two_epochs": {"epochs": ((2, 2, 1), (0, 2, 1))},
@@ -37,7 +40,8 @@ def eager_cases():
 
 
 def check_case(per_rank: list[dict], epochs: tuple, divide: bool = True, broadcast_buffers: bool = True,
-               options: dict | None = None, model: str = "MLPHead", **_) -> None:
+               options: dict | None = None, model: str = "MLPHead", join_from_epoch: int = 0,
+               **_) -> None:
     transport = (options or {}).get("transport", "shm")  # "auto": shared memory, on one host
     graphs = 2 if model == "BrokenHead" else 1
     ref = reference(epochs, divide)
@@ -64,10 +68,11 @@ def check_case(per_rank: list[dict], epochs: tuple, divide: bool = True, broadca
     assert_counts(per_rank, sites=2, synced=2, forward=2, backward=2, graphs=graphs,
                   breaks_outside_bn=("graph_break",) if graphs == 2 else ())
     group = per_rank[0]["join_group"]
+    used = "0" if join_from_epoch else group  # compiled before the Joinable made its group: DDP's
     for rank, r in enumerate(per_rank):
         assert r["join_group"] == group != "0"  # a group of its own, the same name on every rank
         sequence = [c for rec in r["records"] for d in ("forward", "backward") for c in rec["sequence"][d]]
-        assert {(c["group"], c["transport"]) for c in sequence} == {(group, transport)}
+        assert {(c["group"], c["transport"]) for c in sequence} == {(used, transport)}
         later = sum(rank not in active for active in steps)  # steps it answered after it joined
         assert r["answered"] == {"steps": later, "collectives": later * COLLECTIVES_PER_STEP}
         issued = len(r["y"]) * COLLECTIVES_PER_STEP + r["answered"]["collectives"]
@@ -82,7 +87,9 @@ def test_uneven_batches_under_join(eager_cases, name):
     ``two_epochs``: a new Joinable per epoch, rank 0 without a batch in the second (it answers
     with the steps of the first); ``no_broadcast``: DDP's ``broadcast_buffers=False``, a joined
     rank keeps the running statistics of its last step; ``graph_break``: two compiled graphs per
-    step, whose collectives a joined rank answers in the order they ran."""
+    step, whose collectives a joined rank answers in the order they ran; ``compiled_before``: a
+    step before the Joinable was made compiled the model over the default group, which works
+    through shared memory (and is refused through the process group: below)."""
     check_case(eager_cases[name], **CASES[name])
 
 
@@ -110,6 +117,15 @@ def test_bnpass_joinable_must_come_first():
     for r in refused(epochs=((2, 2, 1),), bnpass_first=False):
         assert r["bnpass"] and "must come first in the Join list" in r["error"], r
         assert r["seconds"] < 30, r
+
+
+def test_compiled_before_the_joinable_through_the_process_group():
+    """A step before the Joinable was made compiled the model over DDP's own group, through the
+    process group: under Join, every rank refuses it at the first step, naming the fix."""
+    for r in refused(epochs=((1, 1, 1), (2, 3, 1)), join_from_epoch=1,
+                     options={"transport": "process_group"}):
+        assert r["bnpass"] and "Make bnpass.Joinable(ddp_model) before the model's first call" in r["error"], r
+        assert r["seconds"] < 60, r
 
 
 def test_a_graph_with_other_collectives_after_a_rank_joined():
