@@ -30,9 +30,11 @@ and nobody waits in a BatchNorm collective. How:
   at the end). Only the first joinable announces "not joined yet" (``Join.notify_join_context``):
   the pre-hook does that, as DDP does when it is first, and hands the work to DDP's reducer, so
   ``divide_by_initial_world_size=False`` still divides by the ranks still training.
-* **A rank that never ran a step** cannot know what to answer: at each Join's first step the ranks
-  meet in the store (bnpass/meet.py), and such a rank raises a ``BNPassError`` that the others raise
-  too, at once, instead of waiting.
+* **A rank that never ran a step** of the model cannot know what to answer: at each Join's first
+  step the ranks meet in the store (bnpass/meet.py), and such a rank raises a ``BNPassError`` that
+  the others raise too, at once, instead of waiting. A joined rank also stands aside in the
+  agreement (bnpass/agree.py ``stand_aside``): a graph with other collectives, compiled by the
+  others after it joined, is an error on them at once instead of after ``agree_timeout_s``.
 
 Running statistics: the active ranks' are updated from the statistics of the ranks still training.
 A joined rank's own are not updated by the steps it answers; DDP's ``broadcast_buffers=True`` (its
