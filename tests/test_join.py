@@ -124,8 +124,8 @@ def test_compiled_before_the_joinable_through_the_process_group():
     process group: under Join, every rank refuses it at the first step, naming the fix."""
     for r in refused(epochs=((1, 1, 1), (2, 3, 1)), join_from_epoch=1,
                      options={"transport": "process_group"}):
-        assert r["bnpass"] and "Make bnpass.Joinable(ddp_model) before the model's first call" in r["error"], r
-        assert r["seconds"] < 60, r
+        assert r["bnpass"], r
+        assert "Make bnpass.Joinable(ddp_model) before the model's first call" in r["error"], r
 
 
 def test_a_graph_with_other_collectives_after_a_rank_joined():
