@@ -234,6 +234,8 @@ class Joinable(_TorchJoinable):
         from torch.distributed.distributed_c10d import _resolve_process_group
 
         try:
+            if self.join_device.type == "cuda":  # the current device is per thread (not tried)
+                torch.cuda.set_device(self.join_device)
             for sequence in sequences:
                 for c in sequence:
                     zeros = torch.zeros(c["numel"], dtype=getattr(torch, c["dtype"]), device=self.join_device)
