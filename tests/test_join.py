@@ -2,12 +2,13 @@
 ``Join([bnpass.Joinable(ddp_model), ddp_model])``, against the float64 model trained on the batches
 that were really trained (each step on the concatenation of the ranks that still had one), with
 the counts of sites and collectives per rank and what each joined rank answered; the default
-transport (shared memory) and ``transport="process_group"``; two epochs, in the second of which a
-rank has no batch; and what bnpass refuses, on every rank, without a hang.
+transport (shared memory) and ``transport="process_group"``, both ``divide_by_initial_world_size``
+settings, two epochs with an empty rank in the second, ``broadcast_buffers=False``, a graph break,
+a model compiled before the Joinable; and what bnpass refuses, on every rank, without a hang.
 
 One 3-rank job on ``bnpass_eager`` for the numbers and counts (the pass, its collectives and their
-transport are decided before code generation); Inductor's run of the same is behind ``slow``
-(78 s here under load)."""
+transport are decided before code generation, and the default tier proves them there); Inductor's
+run of the ``shm`` case is behind ``slow`` (44-78 s here, load average 4-10)."""
 
 from __future__ import annotations
 
