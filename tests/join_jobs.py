@@ -52,13 +52,15 @@ def steps_of(epochs: tuple) -> list[list[int]]:
 
 def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", options: dict | None = None,
                  divide: bool = True, bnpass_first: bool = True, eval_bn2_at: int | None = None,
-                 broadcast_buffers: bool = True, model: str = "MLPHead", join_from_epoch: int = 0) -> dict:
+                 broadcast_buffers: bool = True, model: str = "MLPHead", join_from_epoch: int = 0,
+                 throw: bool = False) -> dict:
     """SGD steps of a DDP(compiled ``model``), each epoch under its own
     ``Join([bnpass.Joinable(ddp), ddp])`` (``bnpass_first`` false: the other order), rank r
     training ``epochs[e][r]`` batches in epoch e; from this rank's step ``eval_bn2_at`` on, bn2 in
     eval mode (a graph with other collectives); ``divide``: Join's divide_by_initial_world_size;
     ``broadcast_buffers``: DDP's; epochs before ``join_from_epoch`` run before any Joinable is made,
-    without Join (their batches must be even). ``y``: (global step, output) of each step run."""
+    without Join (their batches must be even); ``throw``: Join's throw_on_early_termination.
+    ``y``: (global step, output) of each step run."""
     torch._dynamo.reset()
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
@@ -74,7 +76,7 @@ def train_uneven(rank: int, epochs: tuple, backend: str = "bnpass_eager", option
         if joined:
             joinable = bnpass.Joinable(ddp)  # before the model's first call (and again each epoch)
             context = Join([joinable, ddp] if bnpass_first else [ddp, joinable],
-                           divide_by_initial_world_size=divide)
+                           throw_on_early_termination=throw, divide_by_initial_world_size=divide)
         with context:
             for i in range(batches[rank]):
                 if mine == eval_bn2_at:

@@ -140,6 +140,15 @@ def test_a_graph_with_other_collectives_after_a_rank_joined():
     assert float(re.search(r"after ([\d.]+) s", error).group(1)) < 5, error
 
 
+def test_throw_on_early_termination():
+    """``Join(..., throw_on_early_termination=True)``, which bnpass's Joinable, first, announces as
+    DDP would: every rank raises Join's own RuntimeError when rank 0 runs out, none hangs."""
+    results = refused(epochs=((1, 2, 2),), throw=True)
+    assert "exhausted all inputs" in results[0]["error"], results[0]
+    for r in results[1:]:
+        assert "Detected at least one rank that exhausted inputs" in r["error"], r
+
+
 @pytest.mark.slow
 def test_uneven_batches_under_join_inductor():
     """The same as ``shm`` under Inductor (``backend="bnpass"``)."""
