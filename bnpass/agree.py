@@ -25,22 +25,47 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from typing import Optional
 
 import torch.distributed as dist
 
-from .meet import Deadlock, post, post_and_wait
+from .meet import Deadlock, hold, post, post_and_wait, release
 from .options import BNPassError
 
-__all__ = ["AgreeFirst", "agree", "waits"]
+__all__ = ["AgreeFirst", "agree", "waits", "on_call", "stand_aside", "step_back_in"]
 
 _PREFIX = "bnpass/agree"
 _WAITS: list[dict] = []  # this process's agreements: direction, collectives, seconds waited
+_ON_CALL: list = []  # told (sequence, direction) at every call of a compiled graph (bnpass/join.py)
+
+
+def on_call(hook) -> None:
+    """Call ``hook(sequence, direction)`` before every run of every compiled graph from now on."""
+    if hook not in _ON_CALL:
+        _ON_CALL.append(hook)
 
 
 def waits() -> list[dict]:
     """One entry per agreement this process made (or tried): {"direction", "collectives",
     "waited_s", "agreed"}, oldest first; what ``bnpass inspect`` and the tests read of the waits."""
     return list(_WAITS)
+
+
+def stand_aside(reason: str, ranks: list[int], token: str) -> Optional[str]:
+    """This rank runs no new compiled graph for a while (a rank joined under DDP's Join,
+    bnpass/join.py): a rank of ``ranks`` that waits to agree on a graph this rank never ran learns
+    it at once, with ``reason``, instead of at its deadline. Returns what to hand ``step_back_in``."""
+    store = dist.distributed_c10d._get_default_store()
+    key = f"{_PREFIX}/latest/{dist.get_rank()}"
+    before = store.get(key).decode() if store.check([key]) else None
+    hold(_PREFIX, token, json.dumps({"entries": [], "context": reason, "options": "",
+                                     "direction": "aside"}), ranks)
+    return before
+
+
+def step_back_in(before: Optional[str]) -> None:
+    """End ``stand_aside``."""
+    release(_PREFIX, before)
 
 
 def _entries(sequence: list[dict], sites: list) -> list[list]:
@@ -121,6 +146,9 @@ def agree(sequence: list[dict], sites: list, timeout_s: float, context: str, opt
                             "code; raise agree_timeout_s if it is only slow)")
             continue
         theirs = json.loads(store.get(f"{_PREFIX}/latest/{m}"))
+        if theirs["direction"] == "aside":
+            problems.append(f"rank {m} {theirs['context']}")
+            continue
         what = "is waiting to run" if m == deadlocked else "last ran"
         if not theirs["entries"]:
             problems.append(f"rank {m} {what} a {theirs['direction']} graph that issues no collective "
@@ -160,6 +188,8 @@ class AgreeFirst:
             agree(self._sequence, self._record.sites, self._timeout_s, context, self._options,
                   self._direction)
             self._agreed = True
+        for hook in _ON_CALL:
+            hook(self._sequence, self._direction)
         return self._compiled(*args)
 
     def __getattr__(self, name):  # _boxed_call and the like of the compiled callable

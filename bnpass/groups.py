@@ -39,7 +39,8 @@ import torch.distributed as dist
 from .errors import BNPassError
 from .meet import Deadlock, post_and_wait
 
-__all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe"]
+__all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe", "stand_in",
+           "make_stand_in", "stand_in_names"]
 
 _PREFIX = "bnpass/subgroup"
 
@@ -57,6 +58,32 @@ class _Made:
 
 
 _MADE: dict[tuple[str, int], _Made] = {}  # (parent group name, k) -> this rank's subgroup
+# group name -> the group of the same ranks that bnpass's collectives use instead (bnpass/join.py:
+# DDP's Join, whose joined ranks answer them beside DDP's own collectives on the first group).
+_STAND_INS: dict[str, dist.ProcessGroup] = {}
+
+
+def stand_in(group_name: Optional[str]) -> Optional[dist.ProcessGroup]:
+    """The group bnpass reduces over in place of ``group_name`` (bnpass.Joinable's), or None."""
+    group = _STAND_INS.get(group_name) if group_name is not None else None
+    return group if group is not None and group in dist.distributed_c10d._world.pg_map else None
+
+
+def make_stand_in(base: dist.ProcessGroup) -> dist.ProcessGroup:
+    """A group of ``base``'s ranks, with its timeout, that bnpass reduces over in place of ``base``
+    from now on (``stand_in``); made once per process. Every rank of the default group must call
+    this alike (``new_group``)."""
+    made = stand_in(base.group_name)
+    if made is None:
+        made = dist.new_group(dist.get_process_group_ranks(base), timeout=_timeout_of(base),
+                              backend=dist.get_backend(base), group_desc="bnpass_join")
+        _STAND_INS[base.group_name] = made
+    return made
+
+
+def stand_in_names() -> set[str]:
+    """The names of the groups that stand in for others (``stand_in``)."""
+    return {g.group_name for g in _STAND_INS.values()}
 
 
 def check_group_size(value: object, what: str = "option group_size") -> int:

@@ -21,7 +21,7 @@ from typing import Optional
 
 import torch.distributed as dist
 
-__all__ = ["post", "post_and_wait", "Deadlock"]
+__all__ = ["post", "post_and_wait", "hold", "release", "Deadlock"]
 
 _POLL_S = (0.002, 0.1)  # first and longest interval between two looks at the store
 
@@ -47,6 +47,25 @@ def post(prefix: str, latest: str) -> None:
     store = dist.distributed_c10d._get_default_store()
     rank = dist.get_rank()
     store.set(f"{prefix}/latest/{rank}", latest)
+    store.set(f"{prefix}/waiting/{rank}", "")
+
+
+def hold(prefix: str, token: str, latest: str, ranks: list[int]) -> None:
+    """Say that this rank is stuck at ``token`` with ``ranks`` and will come to no other meeting of
+    the prefix: a rank of ``ranks`` that waits for it in another meeting learns it within a poll
+    interval (``Deadlock``) instead of at its deadline. Ended by this rank's next ``post`` or meeting."""
+    store = dist.distributed_c10d._get_default_store()
+    rank = dist.get_rank()
+    store.set(f"{prefix}/latest/{rank}", latest)
+    store.set(f"{prefix}/waiting/{rank}", json.dumps({"token": token, "ranks": list(ranks)}))
+
+
+def release(prefix: str, latest: Optional[str]) -> None:
+    """End a ``hold``: this rank waits for nobody, and ``latest`` (if given) is what it last brought."""
+    store = dist.distributed_c10d._get_default_store()
+    rank = dist.get_rank()
+    if latest is not None:
+        store.set(f"{prefix}/latest/{rank}", latest)
     store.set(f"{prefix}/waiting/{rank}", "")
 
 

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from .errors import BNPassError
-from .groups import check_group_size, group_of_size
+from .groups import check_group_size, group_of_size, stand_in
 
 __all__ = ["Options", "BNPassError", "GroupChoice"]
 
@@ -102,7 +102,13 @@ class Options:
         return opts
 
     def group(self) -> GroupChoice:
-        """Resolve the process group now (at compile time, on this rank)."""
+        """Resolve the process group now (at compile time, on this rank); where a
+        ``bnpass.Joinable`` made a group of the same ranks for bnpass's collectives, that one."""
+        choice = self._group()
+        other = stand_in(choice.name)
+        return choice if other is None else GroupChoice(other.group_name, choice.world_size, choice.why_local)
+
+    def _group(self) -> GroupChoice:
         initialised = dist.is_available() and dist.is_initialized()
         if self.process_group is not None:
             if not initialised:
