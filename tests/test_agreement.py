@@ -13,6 +13,7 @@ import pytest
 from tests.checks import assert_counts, assert_matches_reference
 from tests.harness import run_ranks
 from tests.models import Spec
+from tests.tiers import TIERS, specs_for
 
 TOL = 2e-5
 
@@ -31,12 +32,14 @@ SPECS_3 = [
     Spec("one_in_the_group", "mlp_head", (1, 0, 0), (5,), backend="bnpass_eager", steps=1),
 ]
 BY_NAME = {s.name: s for s in SPECS_3}
+INDUCTOR = {"empty_packed"}  # through Inductor in the default tier (tests/tiers.py)
 
 
-@pytest.fixture(scope="module")
-def three_ranks():
-    results = run_ranks("tests.agreement_jobs:train_specs_reporting_errors", 3, SPECS_3, deadline_s=600)
-    return {s.name: [r[s.name] for r in results] for s in SPECS_3}
+@pytest.fixture(scope="module", params=TIERS)
+def three_ranks(request):
+    specs = specs_for(request.param, SPECS_3, INDUCTOR)
+    results = run_ranks("tests.agreement_jobs:train_specs_reporting_errors", 3, specs, deadline_s=600)
+    return {s.name: [r[s.name] for r in results] for s in specs}
 
 
 def _sequences(per_rank: list[dict]) -> list[dict]:

@@ -8,13 +8,15 @@ import pytest
 from tests.checks import assert_counts, assert_matches_reference
 from tests.harness import RankFailure, run_ranks
 from tests.models import Spec
+from tests.tiers import TIERS, specs_for
 
 TOL = 2e-5
 # What these cases test is decided before code generation (Dynamo's graphs and guards, AOTAutograd's
-# partition, bnpass's sites): half of them run on bnpass_eager, the same pass and graphs without
-# Inductor's C++ builds, to keep the default suite short; DDP, fullgraph, dynamic shapes and
-# accumulation run through Inductor.
+# partition, bnpass's sites): some of them always run on bnpass_eager, the same pass and graphs
+# without Inductor's C++ builds; of the others, the default tier compiles DDP around the compiled
+# model, dynamic shapes and checkpointing with Inductor (tests/tiers.py), the slow tier all of them.
 EAGER = "bnpass_eager"
+INDUCTOR = {"ddp_outer", "dynamic", "checkpointed_inductor"}
 SPECS = [
     Spec("ddp_outer", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="outer"),
     Spec("ddp_inner", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="inner"),
@@ -40,9 +42,9 @@ BY_NAME = {s.name: s for s in SPECS}
 DDP_FORWARD = ("DistributedDataParallel", "Logger", "Reducer")
 
 
-@pytest.fixture(scope="module")
-def runs():
-    results = run_ranks("tests.rank_jobs:train_specs", 2, SPECS)
+@pytest.fixture(scope="module", params=TIERS)
+def runs(request):
+    results = run_ranks("tests.rank_jobs:train_specs", 2, specs_for(request.param, SPECS, INDUCTOR))
     return {name: [r[name] for r in results] for name in BY_NAME}
 
 

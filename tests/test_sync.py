@@ -12,6 +12,7 @@ import pytest
 from tests.checks import assert_counts, assert_matches_reference, eager_global, errors_vs_reference
 from tests.harness import run_ranks
 from tests.models import Spec
+from tests.tiers import TIERS, specs_for
 from tests.training import reference
 
 FP32_TOL = 2e-5
@@ -34,12 +35,15 @@ SPECS_2 = [
     Spec("eval_mode", "bn2d", (2, 3), (4, 5, 5), train=False, backend="bnpass_eager"),
 ]
 BY_NAME = {s.name: s for s in SPECS_2}
+# Through Inductor in the default tier (tests/tiers.py); the others there run on bnpass_eager.
+INDUCTOR_2 = {"convnet", "convnet_channels_last", "net3d_channels_last_3d", "stable_1e4", "bf16", "branches"}
 
 
-@pytest.fixture(scope="module")
-def two_ranks():
-    results = run_ranks("tests.rank_jobs:train_specs", 2, SPECS_2)
-    return {s.name: [r[s.name] for r in results] for s in SPECS_2}
+@pytest.fixture(scope="module", params=TIERS)
+def two_ranks(request):
+    specs = specs_for(request.param, SPECS_2, INDUCTOR_2)
+    results = run_ranks("tests.rank_jobs:train_specs", 2, specs)
+    return {s.name: [r[s.name] for r in results] for s in specs}
 
 
 def judge(two_ranks, name, tol=FP32_TOL):
@@ -149,12 +153,14 @@ SPECS_3 = [
     Spec("group_option_3", "mlp1d", (2, 0, 5), (3, 7), options=(("process_group", "new_group"),)),
 ]
 BY_NAME.update({s.name: s for s in SPECS_3})
+INDUCTOR_3 = {"convnet_3"}
 
 
-@pytest.fixture(scope="module")
-def three_ranks():
-    results = run_ranks("tests.rank_jobs:train_specs", 3, SPECS_3)
-    return {s.name: [r[s.name] for r in results] for s in SPECS_3}
+@pytest.fixture(scope="module", params=TIERS)
+def three_ranks(request):
+    specs = specs_for(request.param, SPECS_3, INDUCTOR_3)
+    results = run_ranks("tests.rank_jobs:train_specs", 3, specs)
+    return {s.name: [r[s.name] for r in results] for s in specs}
 
 
 def test_three_ranks_uneven(three_ranks):
@@ -176,11 +182,8 @@ def test_process_group_option(three_ranks):
     assert len(groups) == 1 and groups != {"0"}, groups  # the new group's name, not the world's
 
 
-def test_synced_specs_went_through_shared_memory(two_ranks, three_ranks):
-    """transport="auto" (the default) on one host: every collective of the specs above went through
-    bnpass's shared-memory all_reduce (bnpass/transport), and every rank holds bitwise the same
-    running statistics (max difference exactly 0)."""
-    for name, per_rank in {**two_ranks, **three_ranks}.items():
+def _assert_shared_memory_and_bitwise_equal_buffers(runs: dict) -> None:
+    for name, per_rank in runs.items():
         for r in per_rank:
             transports = [c["transport"] for rec in r["records"] for d in ("forward", "backward")
                           for c in rec["sequence"].get(d, [])]
@@ -190,3 +193,14 @@ def test_synced_specs_went_through_shared_memory(two_ranks, three_ranks):
             diffs = [float((r["buffers"][key].double() - per_rank[0]["buffers"][key].double()).abs().max())
                      for r in per_rank[1:]]
             assert diffs == [0.0] * len(diffs), (name, key, diffs)
+
+
+def test_synced_specs_went_through_shared_memory(two_ranks):
+    """transport="auto" (the default) on one host: every collective of the specs above went through
+    bnpass's shared-memory all_reduce (bnpass/transport), and every rank holds bitwise the same
+    running statistics (max difference exactly 0)."""
+    _assert_shared_memory_and_bitwise_equal_buffers(two_ranks)
+
+
+def test_synced_specs_of_three_ranks_went_through_shared_memory(three_ranks):
+    _assert_shared_memory_and_bitwise_equal_buffers(three_ranks)
