@@ -4,6 +4,7 @@ site, dot clusters by phase, the self-contained html page."""
 
 from __future__ import annotations
 
+import copy
 import html.parser
 import json
 import re
@@ -54,6 +55,28 @@ def test_site_before_and_after_the_rewrite(tiny_kernels):
     assert "torch.reciprocal" in after and "bn_site" not in after
     site = json.loads(render_json(tiny_kernels, site=1))["site"]
     assert site["index"] == 1 and site["before"] == tiny_kernels["sites"][1]["before"]
+
+
+def test_each_collective_and_its_transport(tiny_kernels):
+    """Text and JSON list every collective with its transport: the record's sequence (3 synced sites:
+    3 + 3 all_reduces, each serving one site), the fake group's process_group; an entry whose
+    record says shm (a same-host run; inspect's fake group cannot take it) is shown as shm."""
+    data = json.loads(render_json(tiny_kernels))
+    entries = data["sequence"]
+    assert [(e["direction"], e["position"], e["transport"], e["numel"], e["dtype"]) for e in entries] == \
+        [("forward", i, "process_group", 9, "float64") for i in range(3)] + \
+        [("backward", i, "process_group", 8, "float32") for i in range(3)]
+    assert sorted(s for e in entries if e["direction"] == "forward" for s in e["sites"]) == [0, 1, 2]
+    assert data["collectives"]["transport"] == {"forward": {"process_group": 3}, "backward": {"process_group": 3}}
+    text = render_text(tiny_kernels)
+    assert "transport: forward 3 process_group, backward 3 process_group (the fake process group" in text
+    rows = [line.split() for line in text.splitlines() if re.match(r"^\s+\d+\s+0\s+(forward|backward)\s", line)]
+    assert [(r[2], r[3], r[7]) for r in rows] == [(e["direction"], "all_reduce(sum)", "process_group") for e in entries]
+    same_host = copy.deepcopy(tiny_kernels)
+    same_host["graphs"][0]["sequence"]["backward"][1]["transport"] = "shm"
+    text = render_text(same_host)
+    assert "backward 2 process_group + 1 shm" in text and "fake process group has no" not in text
+    assert json.loads(render_json(same_host))["sequence"][4]["transport"] == "shm"
 
 
 def _call_marks(source: str) -> list[tuple[str, str, str]]:

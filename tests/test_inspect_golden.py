@@ -67,7 +67,8 @@ def test_golden_runs_say_what_each_case_means(golden_runs):
 
 
 def test_collectives_match_a_real_two_rank_run(golden_runs):
-    """The CLI (fake group, one process) against the same models compiled on 2 gloo ranks."""
+    """The CLI (fake group, one process) against the same models compiled on 2 gloo ranks: the
+    counts, and each collective, with the transport each takes."""
     jobs = {"tiny": ((2, 3, 6, 6), "tiny"), "broken": ((2, 3, 4, 4), "broken")}
     per_rank = run_ranks("tests.cli_models:rank_jobs", 2, {k: v for k, v in jobs.items()}, deadline_s=600)
     for name in jobs:
@@ -84,6 +85,12 @@ def test_collectives_match_a_real_two_rank_run(golden_runs):
                 assert sum(r["collective_bytes"][direction] for r in records) == cli["collectives"]["bytes"][direction]
             assert sum(r["collective_bytes"]["forward"] + r["collective_bytes"]["backward"]
                        for r in records) == cli["collectives"]["bytes_per_step"]
+            # the same collectives in the same order; on real ranks of one host through shared
+            # memory, on the CLI's fake group through the process group (render_collectives.py)
+            real_seq = [(d, c["numel"], c["dtype"], c["transport"]) for r in records
+                        for d in ("forward", "backward") for c in r["sequence"].get(d, [])]
+            assert real_seq == [(e["direction"], e["numel"], e["dtype"], "shm") for e in cli["sequence"]]
+            assert {e["transport"] for e in cli["sequence"]} <= {"process_group"}
 
 
 def test_eager_backend_finds_and_counts_the_same(golden_runs, tmp_path):

@@ -40,8 +40,15 @@ JSON schema ``bnpass-inspect/1`` (``--format json``)::
         "forward": int, "backward": int,   # bnpass's schedule packed independent ones together
         "bytes_per_step": int,     # bytes of the all_reduce buffers per step, per rank
         "bytes": {"forward": int, "backward": int},
-        "unpacked": {"forward": int, "backward": int}   # before packing: one per synced site
+        "unpacked": {"forward": int, "backward": int},  # before packing: one per synced site
+        "transport": {"forward" | "backward": {"process_group" | "shm": int}}  # collectives by transport
       },
+      "sequence": [{               # every collective, in issue order per graph and direction
+        "graph": int, "direction": "forward" | "backward", "position": int,
+        "op": str, "numel": int | null, "dtype": str | null, "group": str | null,
+        "transport": "process_group" | "shm",   # the fake group of inspect: always process_group
+        "sites": [int]             # indices into "sites" that this (packed) collective serves
+      }],
       "schedule": [{               # per compiled graph: what bnpass/schedule.py did
         "graph": int,
         "forward" | "backward": {"collectives_before": int, "collectives_after": int,

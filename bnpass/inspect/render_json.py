@@ -6,6 +6,7 @@ import json
 from typing import Optional
 
 from .kernels import kernel_sites, marked_source
+from .render_collectives import collective_entries, transport_counts
 
 __all__ = ["to_schema", "render_json", "SCHEMA"]
 
@@ -26,6 +27,7 @@ def _site_kernels(data: dict) -> dict[int, dict[str, list[str]]]:
 
 def to_schema(data: dict, site: Optional[int] = None, kernels: bool = False) -> dict:
     sites = [{k: s[k] for k in _SITE_KEYS} for s in data["sites"]]
+    entries = collective_entries(data)
     totals = {"sites": len(sites)}
     for action in ["sync", "local", "skip"] + sorted({s["action"] for s in sites} - {"sync", "local", "skip"}):
         totals[action] = sum(s["action"] == action for s in sites)
@@ -35,7 +37,8 @@ def to_schema(data: dict, site: Optional[int] = None, kernels: bool = False) -> 
         "input_shape": data["input_shape"], "dtype": data["dtype"], "channels_last": data["channels_last"],
         "backward": data["backward"], "graphs": len(data["graphs"]),
         "sites": sites, "totals": totals,
-        "collectives": data["collectives"], "graph_breaks": data["graph_breaks"],
+        "collectives": {**data["collectives"], "transport": transport_counts(entries)},
+        "sequence": entries, "graph_breaks": data["graph_breaks"],
         "schedule": [{"graph": g["index"], **g.get("schedule", {})} for g in data["graphs"]],
     }
     if site is not None:

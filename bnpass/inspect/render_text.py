@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 from .kernels import kernel_sites, marked_source
+from .render_collectives import collectives_lines
 
 __all__ = ["render_text", "site_section", "kernels_section"]
 
@@ -41,7 +42,7 @@ def _totals(data: dict) -> list[str]:
         f"bytes they reduce per step per rank: {c['bytes_per_step']:,} "
         f"(forward {c['bytes']['forward']:,}, backward {c['bytes']['backward']:,})",
         f"graph breaks: {data['graph_breaks']}",
-    ] + _schedule_lines(data)
+    ] + _schedule_lines(data) + collectives_lines(data)
 
 
 def _schedule_lines(data: dict) -> list[str]:

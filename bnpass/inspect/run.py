@@ -207,6 +207,7 @@ def _inspection(args: InspectArgs, mode: str, backward: bool, records, graph_bre
             "index": record.graph_index, "site_offset": offset, "sites": len(record.sites),
             "collectives": dict(record.collectives), "collective_bytes": dict(record.collective_bytes),
             "collectives_unpacked": dict(record.collectives_unpacked),
+            "sequence": {d: [dict(c) for c in record.sequence.get(d, [])] for d in ("forward", "backward")},
             "schedule": {d: dataclasses.asdict(record.schedules[d]) for d in ("forward", "backward")
                          if d in record.schedules},
             "graphs": {d: record.graphs.get(d) for d in ("forward", "backward")},
