@@ -32,7 +32,9 @@ from bnpass.agree import AgreeFirst
 from bnpass.inspect.capture import digest, kernel_info
 from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
-from bnpass.transport import SHM_ALL_REDUCE, apply_transport, mark_transports
+from bnpass.transport import SHM_ALL_REDUCE, apply_transport, mark_transports, takes_shm
+
+SITE_ALL_REDUCE = torch.ops.bnpass.site_all_reduce.default
 
 __all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
 
@@ -114,7 +116,8 @@ def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, option
     record, with the sequence the ranks agree on, and keep its digest for ``bnpass inspect``."""
     levels = {site.index: site.levels for site in record.sites}
     report = schedule_collectives(gm, direction, levels, pack=options.pack_collectives,
-                                  overlap=options.overlap, split=split_conv_backwards(graph_device(gm)))
+                                  overlap=options.overlap,
+                                  split=split_conv_backwards(graph_device(gm), _blocking_transport(gm, options)))
     record.collectives_unpacked[direction] += report.collectives_before
     record.schedules[direction] = report
     record.sequence[direction] = collective_sequence(gm)
@@ -178,13 +181,23 @@ def graph_device(gm: torch.fx.GraphModule) -> str:
     return "cpu"
 
 
-def split_conv_backwards(device: str) -> bool:
+def split_conv_backwards(device: str, blocking: bool = False) -> bool:
     """Whether the schedule splits convolution backwards in two (so that a weight gradient runs
-    while a BatchNorm's collective is in flight), per device, as measured (benchmarks/RESULTS.md,
-    "Lowering per device"): on CUDA each extra convolution call costs ~100 us of host time (H200
-    profile); on the CPU it gained ~2 % of a synced resnet18 step on 2 gloo ranks (issue 16's
-    figure; rerun: benchmarks/cpu_resnet18.py --variants inductor,bnpass,bnpass-nosplit)."""
-    return device != "cuda"
+    while a BatchNorm's collective is in flight), per device and transport, as measured
+    (README "Lowering per device", benchmarks/RESULTS.md): never on CUDA (each extra convolution
+    call costs ~100 us of host time, H200 profile); on the CPU only where a collective of the graph
+    goes through the process group (asynchronous, ~2 % of a synced resnet18 step on 2 gloo ranks:
+    issue 16). ``blocking``: every collective of the graph takes the same-host transport, whose
+    call is its own wait, so there is nothing to overlap and the split only costs (two oneDNN
+    backward calls instead of one: benchmarks/RESULTS.md "Where a CPU step's time goes")."""
+    return device != "cuda" and not blocking
+
+
+def _blocking_transport(gm: torch.fx.GraphModule, options) -> bool:
+    """Whether every site collective of ``gm`` will take the same-host transport (bnpass/transport),
+    which blocks: asked before the schedule, which decides the split."""
+    groups = {node.args[1] for node in gm.graph.find_nodes(op="call_function", target=SITE_ALL_REDUCE)}
+    return bool(groups) and all(takes_shm(group, options) for group in groups)
 
 
 def device_inductor_config(device: str) -> dict:

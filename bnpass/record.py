@@ -49,6 +49,7 @@ class GraphRecord:
             "collective_bytes": dict(self.collective_bytes),
             "host_syncs": dict(self.host_syncs),
             "sequence": {d: [dict(c) for c in seq] for d, seq in self.sequence.items()},
+            "split_conv_backwards": {d: r.split_conv_backwards for d, r in self.schedules.items()},
         }
 
 

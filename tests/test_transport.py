@@ -76,7 +76,8 @@ def test_four_ranks_on_two_cores_two_groups_at_once(one_host):
 
 def test_group_spanning_two_hosts_keeps_gloo(two_hosts):
     """Ranks 0-1 on host h0, 2-3 on h1 (BNPASS_TRANSPORT_HOST): the group of all 4 keeps the
-    process group, each pair (one host) takes shared memory; numbers as float64 either way."""
+    process group, each pair (one host) takes shared memory; numbers as float64 either way;
+    convolution backwards split for the process group's collectives only."""
     assert_matches_reference([r["world"] for r in two_hosts], WHOLE, TOL)
     assert_counts([r["world"] for r in two_hosts], sites=4, synced=4, forward=4, backward=4)
     for g, spec in enumerate(PAIRS):
@@ -85,6 +86,9 @@ def test_group_spanning_two_hosts_keeps_gloo(two_hosts):
     for r in two_hosts:
         assert r["world"]["transports"] == ["process_group"] * 8, r["world"]["transports"]
         assert r["group_size"]["transports"] == ["shm"] * 8, r["group_size"]["transports"]
+        # convolution backwards are split only where a collective is in flight meanwhile: through
+        # the process group, not through shared memory, whose call blocks (backends/inductor.py)
+        assert r["world"]["split"] > 0 and r["group_size"]["split"] == 0, (r["world"]["split"], r["group_size"]["split"])
     _no_segments_left(two_hosts)
 
 

@@ -50,6 +50,7 @@ def train_with_hosts(rank: int, world_size: int, hosts: list[str], cases: dict) 
     out = train_in_groups(rank, world_size, cases)
     for result in out.values():
         result["transports"] = _transports(result)
+        result["split"] = sum(n for rec in result["records"] for n in rec["split_conv_backwards"].values())
     out["pid"], out["segments"] = os.getpid(), segments()
     return out
 

@@ -6,6 +6,6 @@ shared segment per process group, ``op`` is ``torch.ops.bnpass.shm_all_reduce``,
 """
 
 from .op import SHM_ALL_REDUCE, shm_all_reduce
-from .rewrite import PROCESS_GROUP, SHM, apply_transport, mark_transports
+from .rewrite import PROCESS_GROUP, SHM, apply_transport, mark_transports, takes_shm
 
-__all__ = ["apply_transport", "mark_transports", "shm_all_reduce", "SHM_ALL_REDUCE", "SHM", "PROCESS_GROUP"]
+__all__ = ["apply_transport", "mark_transports", "takes_shm", "shm_all_reduce", "SHM_ALL_REDUCE", "SHM", "PROCESS_GROUP"]

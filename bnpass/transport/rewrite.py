@@ -25,7 +25,7 @@ import torch.fx as fx
 from .channel import channel_for
 from .op import SHM_ALL_REDUCE
 
-__all__ = ["apply_transport", "mark_transports", "SHM", "PROCESS_GROUP"]
+__all__ = ["apply_transport", "mark_transports", "takes_shm", "SHM", "PROCESS_GROUP"]
 
 SHM, PROCESS_GROUP = "shm", "process_group"
 _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
@@ -50,6 +50,12 @@ def _has_channel(group_name: str, timeout_s: float) -> bool:
     return channel_for(group_name, timeout_s) is not None
 
 
+def takes_shm(group_name: str, options) -> bool:
+    """Whether a float32/float64 CPU all_reduce over ``group_name`` takes shared memory under
+    ``options`` (sets the group's channel up at its first call, as ``apply_transport`` would)."""
+    return options.transport == "auto" and _has_channel(group_name, options.agree_timeout_s)
+
+
 def apply_transport(gm: fx.GraphModule, options) -> list[str]:
     """Swap the qualifying all_reduces of ``gm`` for ``shm_all_reduce``, in place; the transport of
     each collective of the graph, in graph order."""
@@ -58,8 +64,7 @@ def apply_transport(gm: fx.GraphModule, options) -> list[str]:
         if node.op != "call_function" or node.target is not _ALL_REDUCE:
             continue
         group_name = node.args[2]
-        if options.transport != "auto" or not _qualifies(node) \
-                or not _has_channel(group_name, options.agree_timeout_s):
+        if not _qualifies(node) or not takes_shm(group_name, options):
             node.meta["bnpass_transport"] = PROCESS_GROUP
             transports.append(PROCESS_GROUP)
             continue
