@@ -107,6 +107,7 @@ def main(argv=None) -> int:
             spec(variant)
     except ValueError as e:
         parser.error(f"--variants: {e}")
+    load_start, started = os.getloadavg()[0], time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,8 +122,9 @@ def main(argv=None) -> int:
     lines = [
         f"resnet18, {args.size}x{args.size}, batch {args.batch} per rank, 2 gloo ranks x 1 thread, DDP; "
         f"median of {args.rounds} rounds x {args.steps} steps; torch {torch.__version__}, "
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; load average at the "
-        f"end {os.getloadavg()[0]:.2f}",
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores; started {started}, load "
+        f"average {load_start:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (the run's own 2 ranks "
+        "count: a quiet machine ends near 2)",
         "",
         "| variant | BN | transport | step time (ms) | vs eager | vs inductor | forward / backward / optimizer (ms) "
         "| graphs | conv backwards split | first 2 steps (s, compile) |",
