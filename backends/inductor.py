@@ -187,9 +187,10 @@ def split_conv_backwards(device: str, blocking: bool = False) -> bool:
     (README "Lowering per device", benchmarks/RESULTS.md): never on CUDA (each extra convolution
     call costs ~100 us of host time, H200 profile); on the CPU only where a collective of the graph
     goes through the process group (asynchronous, ~2 % of a synced resnet18 step on 2 gloo ranks:
-    issue 16). ``blocking``: every collective of the graph takes the same-host transport, whose
-    call is its own wait, so there is nothing to overlap and the split only costs (two oneDNN
-    backward calls instead of one: benchmarks/RESULTS.md "Where a CPU step's time goes")."""
+    issue 16, unconfirmed). ``blocking``: every collective of the graph takes the same-host
+    transport, whose call is its own wait, so the split has nothing to overlap (its cost, two oneDNN
+    backward calls instead of one, was within noise: benchmarks/RESULTS.md "Where a CPU step's
+    time goes"), and the graph keeps one call per convolution."""
     return device != "cuda" and not blocking
 
 
