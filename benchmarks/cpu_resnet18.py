@@ -29,7 +29,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from cpu_variants import NAMES, build, compiling, spec, step  # noqa: E402 - benchmarks/ is on the path
+from cpu_variants import NAMES, build, compiling, spec, step  # benchmarks/, the script's own folder
+from results_file import append_results
 
 VARIANTS = ("eager", "inductor", "bnpass")
 
@@ -149,9 +150,7 @@ def main(argv=None) -> int:
     text = "\n".join(lines)
     print(text)
     if args.results:
-        with open(args.results, "a") as f:
-            f.write(f"\n### {time.strftime('%Y-%m-%d')}: `python benchmarks/cpu_resnet18.py"
-                    f"{' ' + ' '.join(argv or sys.argv[1:])}`\n\n{text}\n")
+        append_results(args.results, "cpu_resnet18.py", lines)
     return 0
 
 
