@@ -134,7 +134,7 @@ def main(argv=None) -> int:
     for v in args.variants:
         bn = "local" if v.startswith("bnpass-local") else "synced" if v.startswith("bnpass") else "unsynced"
         phase = " / ".join(f"{statistics.median(p[i] for p in result['phases'][v]) * 1e3:.1f}" for i in range(3))
-        split = result["split"].get(v, "-")
+        split = result["split"][v] if v.startswith("bnpass") else "-"
         transport = ", ".join(result["transports"].get(v, [])) or "-"
         vs_eager = f"{median[v] / median['eager']:.3f}" if "eager" in median else "-"
         lines.append(f"| {v} | {bn} | {transport} | {median[v]:.1f} | {vs_eager} | "
