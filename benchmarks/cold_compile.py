@@ -2,20 +2,27 @@
 fresh process with a fresh Inductor cache directory, one process on torch's fake process group of
 2 ranks (bnpass emits its collectives, which complete at once), 1 thread, 64x64 images, batch 8.
 
-    python benchmarks/cold_compile.py [--models resnet18,densenet121] [--repeats 1] [--out FILE]
+    python benchmarks/cold_compile.py [--models resnet18,densenet121] [--backends inductor,bnpass]
+                                      [--repeats 1] [--out FILE]
 
-Per run: the step's wall time and where it went, from torch's own compile timers
-(``torch._dynamo.utils.compilation_time_metrics``) and bnpass's stages timed here:
+``--backends`` takes any of inductor, bnpass, aot_eager, bnpass_eager (the last two build no C++:
+``bnpass_eager`` / ``aot_eager`` isolates what bnpass adds before code generation). Per run: the
+step's wall time and where it went, from torch's own compile timers
+(``torch._dynamo.utils.compilation_time_metrics``) and stages timed here:
   dynamo     Dynamo's bytecode tracing and guards (the frame compile minus the backend)
   pass       bnpass: find the sites, rewrite them, snapshot them for the record
+  trace      AOTAutograd: tracing the joint forward+backward graph (``aot_trace_joint_graph``)
+  partition  AOTAutograd's min-cut partitioner (forward / backward graphs)
   schedule   bnpass: pack, split and reorder the collectives (bnpass/schedule.py)
-  aot        AOTAutograd: joint graph, its passes, the partition (forward compile minus Inductor)
   lowering   Inductor, forward and backward: post-grad passes, lowering, scheduling, codegen
              (its compile minus the wait for C++ builds)
   cpp_wait   time spent waiting for the C++ builds (they run in Inductor's worker processes)
+  other      the rest of the step: AOTAutograd's other work, running the step itself
+  ops        call_function nodes in the partitioned forward + backward graphs (what tracing,
+             the partitioner and the lowering pay per node)
   kernels    C++ kernels built (shared objects in the fresh cache directory)
-The runs alternate stock / bnpass per model, so a change in the machine's load hits both; the load
-average before each run is printed with it (figures on a loaded machine are provisional).
+The runs alternate the backends' order per repeat, so a change in the machine's load hits all; the
+load average before each run is printed with it (figures on a loaded machine are provisional).
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-BACKENDS = ("inductor", "bnpass")
-COLUMNS = ("step_s", "dynamo_s", "pass_s", "schedule_s", "aot_s", "lowering_s", "cpp_wait_s", "kernels")
+BACKENDS = ("inductor", "bnpass", "aot_eager", "bnpass_eager")
+PAIRS = (("bnpass", "inductor", 1.15), ("bnpass_eager", "aot_eager", None))  # (ours, stock, target)
+COLUMNS = ("step_s", "dynamo_s", "pass_s", "trace_s", "partition_s", "schedule_s", "lowering_s",
+           "cpp_wait_s", "other_s", "ops", "kernels")
+COUNTS = ("ops", "kernels")
 
 
 def _timed(module, name: str, totals: dict, key: str) -> None:
@@ -46,6 +56,28 @@ def _timed(module, name: str, totals: dict, key: str) -> None:
             totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
 
     setattr(module, name, wrapper)
+
+
+def _partitions(totals: dict) -> None:
+    """Time AOTAutograd's min-cut partitioner wherever a backend calls it, and count the nodes of
+    the graphs it returns."""
+    import torch._dynamo.backends.debugging as debugging
+    import torch._inductor.compile_fx as compile_fx
+
+    import bnpass.backends.eager as eager
+
+    inner = debugging.min_cut_rematerialization_partition
+
+    def partition(*args, **kwargs):
+        start = time.perf_counter()
+        graphs = inner(*args, **kwargs)
+        totals["partition_s"] = totals.get("partition_s", 0.0) + time.perf_counter() - start
+        totals["ops"] = totals.get("ops", 0) + sum(
+            1 for g in graphs for n in g.graph.nodes if n.op == "call_function")
+        return graphs
+
+    for module in (debugging, compile_fx, eager):
+        module.min_cut_rematerialization_partition = partition
 
 
 def child(model_name: str, backend: str) -> dict:
@@ -65,7 +97,8 @@ def child(model_name: str, backend: str) -> dict:
     ours: dict = {}
     for name in ("find_sites", "rewrite_sites", "snapshot_sites", "after_rewrite"):
         _timed(stages, name, ours, "pass_s")
-    _timed(lowering, "schedule_collectives", ours, "schedule_s")
+    _timed(lowering, "schedule_collectives", ours, "schedule_s")  # bnpass_eager's too (schedule_and_record)
+    _partitions(ours)
     torch.set_num_threads(1)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     torch.manual_seed(0)
@@ -80,22 +113,21 @@ def child(model_name: str, backend: str) -> dict:
     def metric(name: str) -> float:
         return float(sum(compilation_time_metrics.get(name, [])))
 
-    frame = metric("_compile.compile_inner")
-    backend_s = metric("OutputGraph.call_user_compiler")
-    inductor = metric("fx_codegen_and_compile")
     cpp_wait = metric("async_compile.wait")
-    forward_inner = metric("compile_fx.<locals>.fw_compiler_base")
-    cache = Path(os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    return {
+    result = {
         "step_s": step,
-        "dynamo_s": frame - backend_s,
+        "dynamo_s": metric("_compile.compile_inner") - metric("OutputGraph.call_user_compiler"),
         "pass_s": ours.get("pass_s", 0.0),
+        "trace_s": metric("aot_trace_joint_graph"),
+        "partition_s": ours.get("partition_s", 0.0),
         "schedule_s": ours.get("schedule_s", 0.0),
-        "aot_s": metric("create_aot_dispatcher_function") - forward_inner,
-        "lowering_s": inductor - cpp_wait,
+        "lowering_s": metric("fx_codegen_and_compile") - cpp_wait,
         "cpp_wait_s": cpp_wait,
-        "kernels": sum(1 for _ in cache.rglob("*.so")),
+        "ops": ours.get("ops", 0),
+        "kernels": sum(1 for _ in Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).rglob("*.so")),
     }
+    result["other_s"] = step - sum(v for k, v in result.items() if k.endswith("_s") and k != "step_s")
+    return result
 
 
 def run_child(model: str, backend: str) -> dict:
@@ -117,7 +149,7 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         cells = [r["model"], r["backend"], f"{r['load']:.1f}"]
-        cells += [str(r[c]) if c == "kernels" else f"{r[c]:.1f}" for c in COLUMNS]
+        cells += [str(r[c]) if c in COUNTS else f"{r[c]:.1f}" for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -125,18 +157,24 @@ def table(results: list[dict]) -> str:
 def ratios(results: list[dict]) -> str:
     out = []
     for model in dict.fromkeys(r["model"] for r in results):
-        step = {b: sorted(r["step_s"] for r in results if r["model"] == model and r["backend"] == b)
-                for b in BACKENDS}
-        med = {b: s[len(s) // 2] for b, s in step.items() if s}
-        if len(med) == 2:
-            out.append(f"{model}: bnpass / inductor = {med['bnpass'] / med['inductor']:.2f} "
-                       f"(median first step {med['bnpass']:.1f} s / {med['inductor']:.1f} s; target <= 1.15)")
+        step = {}
+        for r in results:
+            if r["model"] == model:
+                step.setdefault(r["backend"], []).append(r["step_s"])
+        med = {b: sorted(s)[len(s) // 2] for b, s in step.items()}
+        for ours, stock, target in PAIRS:
+            if ours in med and stock in med:
+                goal = f"; target <= {target}" if target else ""
+                out.append(f"{model}: {ours} / {stock} = {med[ours] / med[stock]:.2f} "
+                           f"(median first step {med[ours]:.1f} s / {med[stock]:.1f} s{goal})")
     return "\n".join(out)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="resnet18,densenet121")
+    parser.add_argument("--backends", default="inductor,bnpass",
+                        help="comma-separated, of " + ", ".join(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="append the table to this markdown file")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
@@ -144,18 +182,22 @@ def main(argv=None) -> int:
     if args.child:
         print(json.dumps(child(*args.child)))
         return 0
+    backends = tuple(args.backends.split(","))
+    unknown = set(backends) - set(BACKENDS)
+    if unknown:
+        parser.error(f"unknown backends {sorted(unknown)}; choose from {', '.join(BACKENDS)}")
     results = []
     for model in args.models.split(","):
         for repeat in range(args.repeats):
-            order = BACKENDS if repeat % 2 == 0 else BACKENDS[::-1]
+            order = backends if repeat % 2 == 0 else backends[::-1]
             for backend in order:
                 result = {"model": model, "backend": backend, **run_child(model, backend)}
                 results.append(result)
                 print(f"{model} {backend}: " + ", ".join(
-                    f"{c} {result[c]:.1f}" if c != "kernels" else f"kernels {result[c]}" for c in COLUMNS)
+                    f"{c} {result[c]}" if c in COUNTS else f"{c} {result[c]:.1f}" for c in COLUMNS)
                     + f" (load {result['load']:.1f})", flush=True)
     text = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `python benchmarks/cold_compile.py "
-            f"--models {args.models} --repeats {args.repeats}`\n\n{table(results)}\n\n{ratios(results)}\n")
+            f"--models {args.models} --backends {args.backends} --repeats {args.repeats}`\n\n{table(results)}\n\n{ratios(results)}\n")
     print(text)
     if args.out:
         with open(args.out, "a") as f:
