@@ -119,21 +119,27 @@ def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
         raise ValueError("Expected more than 1 value per channel when training, got 1 value per "
                          "channel (a BatchNorm with this rank's own statistics)")
     count = torch.full((1,), n_local, dtype=torch.float64, device=sum_r.device)
-    packed = torch.cat([count, sum_r, m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)])
-    packed = _all_reduce_sum(packed, group_name, site, "forward")  # crosses ranks
+    if isinstance(n_local, int):  # M2_r + s_r^2/n_r in one op
+        second = torch.addcmul(m2_r, sum_r, sum_r, value=1.0 / max(n_local, 1))
+    else:
+        second = m2_r + sum_r * sum_r / torch.sym_max(n_local, 1)
+    packed = _all_reduce_sum(torch.cat([count, sum_r, second]), group_name, site, "forward")  # crosses ranks
     if isinstance(n_local, int) and n_local <= 1 and group_name is not None:
         # Only now is the batch known: a rank with one value per channel is fine when the group
         # has more. Every rank whose own count is <= 1 checks (so all do when the global count is).
         torch._assert_async(packed[0] > 1, _ONE_VALUE)
+    # Each traced op costs compile time (AOTAutograd, the partitioner, Inductor's lowering), so the
+    # C-sized math below is written in as few ops as it allows, and the partitioner saves its
+    # results for the backward rather than recomputing them (schedule.save_site_collectives).
     total, s1, s2 = packed[:1], packed[1 : channels + 1], packed[channels + 1 :]
     mean64 = s1 / total
-    var64 = torch.clamp_min(s2 / total - mean64 * mean64, 0.0)
+    var64 = torch.clamp_min(torch.addcmul(s2 / total, mean64, mean64, value=-1.0), 0.0)
     # mean as a hi + lo float32 pair: x - mean stays exact to float32 even when |mean| >> std
     mean_hi = mean64.float()
-    mean_lo = (mean64 - mean_hi.double()).float()
+    mean_lo = (mean64 - mean_hi).float()  # the subtraction promotes mean_hi to float64, exactly
     invstd = torch.rsqrt(var64 + eps).float()
     unbiased_var = (var64 * (total / (total - 1))).float()
-    return GlobalStatistics(total, mean64.float(), mean_hi, mean_lo, invstd, unbiased_var)
+    return GlobalStatistics(total, mean_hi, mean_hi, mean_lo, invstd, unbiased_var)
 
 
 def global_grad_means(local: Tensor, total: Tensor, group_name: Optional[str],
@@ -142,9 +148,8 @@ def global_grad_means(local: Tensor, total: Tensor, group_name: Optional[str],
     the per-channel terms of dx = scale*(dy - mean_dy - xhat*mean_dy_xhat). Shared by every
     kernel choice (see backends/triton_bn_op.py)."""
     channels = local.shape[0] // 2
-    summed = _all_reduce_sum(local, group_name, site, "backward")  # crosses ranks
-    total32 = total.float()
-    return summed[:channels] / total32, summed[channels:] / total32
+    means = _all_reduce_sum(local, group_name, site, "backward") / total.float()  # crosses ranks
+    return means[:channels], means[channels:]
 
 
 class SyncedBatchNormFunction(torch.autograd.Function):
@@ -159,30 +164,32 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         stats = global_statistics(sum_r, m2_r, n_local, eps, group_name, site)
         mean_hi, mean_lo, invstd = stats.mean_hi, stats.mean_lo, stats.invstd
         scale = invstd if weight is None else invstd * weight.float()
-        y = _centered(xf, mean_hi, mean_lo) * _per_channel(scale, x)
-        if bias is not None:
-            y = y + _per_channel(bias.float(), x)
+        centered = _centered(xf, mean_hi, mean_lo)
+        if bias is None:
+            y = centered * _per_channel(scale, x)
+        else:
+            y = torch.addcmul(_per_channel(bias.float(), x), centered, _per_channel(scale, x))
         y = y.to(x.dtype)
-        ctx.save_for_backward(x, weight, mean_hi, mean_lo, invstd, stats.total)
+        ctx.save_for_backward(x, mean_hi, mean_lo, invstd, scale, stats.total)  # scale: not again
         ctx.group_name, ctx.site = group_name, site
+        ctx.weight_dtype = None if weight is None else weight.dtype
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.mark_non_differentiable(stats.mean, stats.unbiased_var)
         return y, stats.mean, stats.unbiased_var
 
     @staticmethod
     def backward(ctx, dy, _dmean, _dvar):
-        x, weight, mean_hi, mean_lo, invstd, total = ctx.saved_tensors
+        x, mean_hi, mean_lo, invstd, scale, total = ctx.saved_tensors
         channels = x.shape[1]
         dims = _reduce_dims(x)
         dyf = dy.float()
         xhat = _centered(x.float(), mean_hi, mean_lo) * _per_channel(invstd, x)
         local = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])  # [db, dw] of this rank
-        dw = local[channels:].to(weight.dtype) if ctx.needs_input_grad[1] else None
+        dw = local[channels:].to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
             mean_dy, mean_dy_xhat = global_grad_means(local, total, ctx.group_name, ctx.site)
-            scale = invstd if weight is None else invstd * weight.float()
             dx = ((dyf - _per_channel(mean_dy, x) - xhat * _per_channel(mean_dy_xhat, x))
                   * _per_channel(scale, x)).to(x.dtype)
         return dx, dw, db, None, None, None

@@ -115,6 +115,25 @@ def save_site_collectives(graph: fx.Graph) -> None:
 
     for node in _site_collectives(graph):
         node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+    for node in _statistics_of(graph):
+        node.meta["recompute"] = CheckpointPolicy.MUST_SAVE
+
+
+def _statistics_of(graph: fx.Graph) -> list[fx.Node]:
+    """The forward's per-channel statistics math after each forward site collective (bnpass/ops.py
+    ``global_statistics``): the nodes of at most one dimension reached from it through such nodes,
+    outside the backward. Saved rather than recomputed (a few C-sized tensors), the backward does
+    not trace that math a second time (compile time: about 16 ops per site)."""
+    tangents = _descendants([n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")])
+    small = []
+    for start in (n for n in _site_collectives(graph) if n.args[3] == "forward"):
+        small += _reachable([start], lambda n: [u for u in n.users if u not in tangents and _small(u)])
+    return [n for n in dict.fromkeys(small) if n.op == "call_function"]
+
+
+def _small(node: fx.Node) -> bool:
+    val = _val(node)
+    return node.op == "call_function" and isinstance(val, torch.Tensor) and val.dim() <= 1
 
 
 def _lower_site_collectives(gm: fx.GraphModule, direction: str, levels: dict, pack: bool,
