@@ -48,3 +48,12 @@ def test_collectives_as_without_checkpointing(graphs):
     assert with_ckpt["collectives"] == without["collectives"] == {"forward": 2, "backward": 2}
     assert with_ckpt["collective_bytes"] == without["collective_bytes"]
     assert graphs[True]["num_batches_tracked"] == graphs[False]["num_batches_tracked"] == 1
+
+
+def test_statistics_are_saved_not_recomputed(graphs):
+    """The forward's C-sized statistics math (bnpass/ops.py ``global_statistics``) is saved for the
+    backward (schedule.save_site_collectives), not traced again there: compile time, ~16 ops a site."""
+    for ckpt in (True, False):
+        targets = [n["target"] for n in graphs[ckpt]["backward"] if n["op"] == "call_function"]
+        assert not any(t.split(".")[-1].startswith(("rsqrt", "clamp_min", "var_mean")) for t in targets), targets
+        assert sum("all_reduce" in t for t in targets) == 2, targets  # the backward's own, one per site
