@@ -123,7 +123,7 @@ def _statistics_of(graph: fx.Graph) -> list[fx.Node]:
     """The forward's per-channel statistics math after each forward site collective (bnpass/ops.py
     ``global_statistics``): the nodes of at most one dimension reached from it through such nodes,
     outside the backward. Saved rather than recomputed (a few C-sized tensors), the backward does
-    not trace that math a second time (compile time: about 16 ops per site)."""
+    not trace that math a second time (compile time: about 15 ops per site)."""
     tangents = _descendants([n for n in graph.nodes if n.op == "placeholder" and n.name.startswith("tangents")])
     small = []
     for start in (n for n in _site_collectives(graph) if n.args[3] == "forward"):
