@@ -121,7 +121,9 @@ def test_group_without_a_backend_for_the_tensors_device():
 
 def test_a_rank_that_fails_before_compiling_does_not_hang_the_others():
     with pytest.raises(RankFailure) as failure:
-        run_ranks("tests.reliability_jobs:rank_fails_before_compiling", 2, deadline_s=300)
+        # what it checks is decided before code generation: bnpass_eager (no C++ build to wait for)
+        run_ranks("tests.reliability_jobs:rank_fails_before_compiling", 2, None, "bnpass_eager",
+                  deadline_s=300)
     assert "rank 1 raised" in str(failure.value) and "rank 1 fails in user code" in str(failure.value)
     survivor = failure.value.results[0]
     assert survivor is not None, str(failure.value)
