@@ -99,10 +99,11 @@ def _script() -> list[str]:
 
 def test_console_script_json_matches_golden(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.run(_script() + ["inspect", *GOLDEN_RUNS["tiny"], "--format", "json"],
+    # a bnpass_eager run (tests/test_inspect_golden.py compares Inductor's "tiny" with its golden)
+    proc = subprocess.run(_script() + ["inspect", *GOLDEN_RUNS["tiny_world_size_1"], "--format", "json"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    assert portable(json.loads(proc.stdout)) == golden("tiny")
+    assert portable(json.loads(proc.stdout)) == golden("tiny_world_size_1")
     assert "rendering json" in proc.stderr
 
 

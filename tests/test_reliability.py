@@ -14,9 +14,11 @@ TOL = 2e-5
 # What these cases test is decided before code generation (Dynamo's graphs and guards, AOTAutograd's
 # partition, bnpass's sites): some of them always run on bnpass_eager, the same pass and graphs
 # without Inductor's C++ builds; of the others, the default tier compiles DDP around the compiled
-# model, dynamic shapes and checkpointing with Inductor (tests/tiers.py), the slow tier all of them.
+# model and dynamic shapes with Inductor (tests/tiers.py), the slow tier all of them (checkpointing
+# under Inductor's joint-graph pass among them; the default tier checks it under bnpass_eager's
+# partition function, here and in tests/test_checkpointing.py).
 EAGER = "bnpass_eager"
-INDUCTOR = {"ddp_outer", "dynamic", "checkpointed_inductor"}
+INDUCTOR = {"ddp_outer", "dynamic"}
 SPECS = [
     Spec("ddp_outer", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="outer"),
     Spec("ddp_inner", "convnet", (3, 5), (3, 5, 5), steps=3, ddp="inner"),

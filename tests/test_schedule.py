@@ -91,22 +91,27 @@ def test_schedule_options(key):
     assert Options.from_user({key: False}).fingerprint() != Options.from_user({}).fingerprint()
 
 
-def test_inspect_reports_the_schedule():
+def test_inspect_reports_the_schedule(tmp_path):
     """``bnpass inspect`` shows what the schedule did: counts before and after, packs, splits."""
     import json
     import subprocess
     import sys
 
-    argv = [sys.executable, "-m", "bnpass", "inspect", "tests.models:Branches", "--input-shape",
-            ",".join(map(str, SHAPE)), "--backend", "bnpass_eager"]
-    data = json.loads(subprocess.run(argv + ["--format", "json"], capture_output=True, text=True,
-                                     check=True, timeout=600).stdout)
+    args = ["inspect", "tests.models:Branches", "--input-shape", ",".join(map(str, SHAPE)),
+            "--backend", "bnpass_eager"]
+    # both formats from one fresh process (the CLI's main, twice: one interpreter start, not two)
+    out_json, out_text = tmp_path / "schedule.json", tmp_path / "schedule.txt"
+    code = ("import sys; from bnpass.inspect.cli import main; "
+            f"a = {args!r}; sys.exit(main(a + ['--format', 'json', '-o', {str(out_json)!r}]) "
+            f"or main(a + ['-o', {str(out_text)!r}]))")
+    subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=600)
+    data = json.loads(out_json.read_text())
     # the CLI's input needs no gradient: the identity BN on it has no backward collective
     assert data["collectives"]["unpacked"] == {"forward": 6, "backward": 5}
     assert (data["collectives"]["forward"], data["collectives"]["backward"]) == (3, 3)
     (graph,) = data["schedule"]
     assert sorted(graph["forward"]["packed"]) == [2, 3] and sorted(graph["backward"]["packed"]) == [2, 2]
     assert graph["backward"]["split_conv_backwards"] > 0 and graph["backward"]["reordered"]
-    text = subprocess.run(argv, capture_output=True, text=True, check=True, timeout=600).stdout
+    text = out_text.read_text()
     assert "forward 3 (6 before packing), backward 3 (5 before packing)" in text
     assert "schedule, graph 0 forward: 6 -> 3 collectives (packed 3+2" in text

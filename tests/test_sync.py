@@ -153,7 +153,7 @@ SPECS_3 = [
     Spec("group_option_3", "mlp1d", (2, 0, 5), (3, 7), options=(("process_group", "new_group"),)),
 ]
 BY_NAME.update({s.name: s for s in SPECS_3})
-INDUCTOR_3 = {"convnet_3"}
+INDUCTOR_3: set = set()  # 3 uneven ranks under Inductor: tests/test_agreement.py (4, 0, 3)
 
 
 @pytest.fixture(scope="module", params=TIERS)
