@@ -29,11 +29,11 @@ DEFAULT_PARITY = ["resnet18", "mobilenet_v3_small"]
 # Two kinds of graph that the default parity run (resnet18's residual blocks whose downsample BN
 # packs, mobilenet's squeeze-excitation: their counts and graph breaks are asserted against the
 # table by ``_assert_parity``) and tests/test_sync.py (BatchNorm3d, F.batch_norm as timm's
-# BatchNormAct2d calls it, LayerNorm/GroupNorm/InstanceNorm left alone) do not cover: parallel
-# branches that pack many into one (googlenet) and FrozenBatchNorm2d with the model's own graph
-# breaks (fasterrcnn). The other 22 models (r3d_18, timm's, the LayerNorm-only ones...) are in the
-# slow tier.
-GRAPH_DEFAULT = ["googlenet", "fasterrcnn_mobilenet_v3_large_320_fpn"]
+# BatchNormAct2d calls it, LayerNorm/GroupNorm/InstanceNorm/FrozenBatchNorm2d left alone; the
+# reliability tests, graph breaks outside BN) do not cover: parallel branches that pack many into
+# one (googlenet). The other 23 models (r3d_18, timm's, the LayerNorm-only ones, fasterrcnn's
+# FrozenBatchNorm2d with the model's own graph breaks...) are in the slow tier.
+GRAPH_DEFAULT = ["googlenet"]
 GRAPH_SLOW = [m.name for m in ZOO if m.name not in GRAPH_DEFAULT]
 REGENERATE = "python -m tests.zoo --write (then review the diff)"
 
@@ -102,10 +102,12 @@ def test_graph_columns_of_the_other_models(slow_rows, expected):
     _assert_every_batchnorm_module_is_a_synced_site(slow_rows)
 
 
-def test_a_frozen_batchnorm_model_has_no_synced_site(rows):
+@pytest.mark.slow
+def test_a_frozen_batchnorm_model_has_no_synced_site(slow_rows):
     name = "fasterrcnn_mobilenet_v3_large_320_fpn"
-    assert rows[name]["frozen_bn"] > 0
-    assert rows[name]["sites"] == rows[name]["synced"] == rows[name]["fw_collectives"] == 0, rows[name]
+    assert slow_rows[name]["frozen_bn"] > 0
+    assert slow_rows[name]["sites"] == slow_rows[name]["synced"] == slow_rows[name]["fw_collectives"] == 0, \
+        slow_rows[name]
 
 
 def _assert_parity(results: dict, names: list, expected: dict, column: str) -> None:
