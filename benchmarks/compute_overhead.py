@@ -21,15 +21,10 @@ import time
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
+from cpu_variants import build, compiling, step  # noqa: E402 - benchmarks/ is on the path
 
-VARIANTS = {
-    "inductor": ("inductor", None),
-    "bnpass": ("bnpass", None),
-    "inductor-nolayout": ("inductor", {"layout_optimization": False}),
-    "bnpass-layout": ("bnpass", {"inductor_config": {"layout_optimization": True}}),
-}
+VARIANTS = ("inductor", "bnpass", "inductor-nolayout", "bnpass-layout")  # cpu_variants.py's names
 
 
 def main(argv=None) -> int:
@@ -41,7 +36,6 @@ def main(argv=None) -> int:
     variants = args.variants.split(",")
     if set(variants) - set(VARIANTS) or "inductor" not in variants or len(variants) < 2:
         parser.error(f"--variants: two or more of {', '.join(VARIANTS)}, inductor among them")
-    import torchvision
     from torch.testing._internal.distributed.fake_pg import FakeStore
 
     import bnpass  # noqa: F401 - the backend, also without the package installed
@@ -52,24 +46,18 @@ def main(argv=None) -> int:
     x, labels = torch.randn(8, 3, 64, 64), torch.randint(0, 10, (8,))
     runs, times = {}, {}
     for variant in variants:
-        torch.manual_seed(0)
-        model = torchvision.models.resnet18(num_classes=10)
-        backend, options = VARIANTS[variant]
-        compiled = torch.compile(model, backend=backend, **({"options": options} if options else {}))
+        model, compiled = build(variant, ddp=False)
         opt = torch.optim.SGD(model.parameters(), lr=0.01)
         runs[variant] = (compiled, opt)
-        for _ in range(2):  # compile, then settle
-            F.cross_entropy(compiled(x), labels).backward()
-            opt.step()
-            opt.zero_grad()
+        with compiling(variant):
+            for _ in range(2):  # compile, then settle
+                step(compiled, opt, x, labels)
     for _ in range(args.rounds):
-        for backend, (compiled, opt) in runs.items():
+        for variant, (compiled, opt) in runs.items():
             start = time.perf_counter()
             for _ in range(args.steps):
-                F.cross_entropy(compiled(x), labels).backward()
-                opt.step()
-                opt.zero_grad()
-            times.setdefault(backend, []).append((time.perf_counter() - start) / args.steps * 1e3)
+                step(compiled, opt, x, labels)
+            times.setdefault(variant, []).append((time.perf_counter() - start) / args.steps * 1e3)
     median = {b: statistics.median(t) for b, t in times.items()}
     print(f"resnet18 64x64 batch 8, one process, fake group of 2, 1 thread; median of {args.rounds} "
           f"rounds x {args.steps} steps (load average {os.getloadavg()[0]:.1f}): "
