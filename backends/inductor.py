@@ -32,14 +32,14 @@ from bnpass.agree import AgreeFirst
 from bnpass.inspect.capture import digest, kernel_info
 from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
-from bnpass.transport import SHM_ALL_REDUCE, apply_transport, mark_transports, takes_shm
+from bnpass.transport import SHM_ALL_REDUCE, SHM_ISSUE, apply_transport, mark_transports
 
 SITE_ALL_REDUCE = torch.ops.bnpass.site_all_reduce.default
 
 __all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default,
-                SHM_ALL_REDUCE}
+                SHM_ALL_REDUCE, SHM_ISSUE}
 # Ops that copy a tensor's value to the host (a device sync; breaks CUDA graphs). Not
 # ``_assert_async``: asynchronous on CUDA (a device-side check), immediate on the CPU (no device).
 HOST_SYNCS = {torch.ops.aten._local_scalar_dense.default, torch.ops.aten.item.default,
@@ -117,7 +117,7 @@ def schedule_and_record(record, gm: torch.fx.GraphModule, direction: str, option
     levels = {site.index: site.levels for site in record.sites}
     report = schedule_collectives(gm, direction, levels, pack=options.pack_collectives,
                                   overlap=options.overlap,
-                                  split=split_conv_backwards(graph_device(gm), _blocking_transport(gm, options)))
+                                  split=split_conv_backwards(graph_device(gm)))
     record.collectives_unpacked[direction] += report.collectives_before
     record.schedules[direction] = report
     record.sequence[direction] = collective_sequence(gm)
@@ -135,8 +135,8 @@ def agreeing(compiled, record, direction: str, options):
     return AgreeFirst(compiled, record.sequence.get(direction, []), record, direction, options)
 
 
-# Either transport's call (bnpass/transport: the shared-memory op that replaced an all_reduce).
-_ISSUED = re.compile(r"torch\.ops\.(?:_c10d_functional\.all_reduce_|bnpass\.shm_all_reduce)\.default"
+# Either transport's call (bnpass/transport: the shared-memory issue that replaced an all_reduce).
+_ISSUED = re.compile(r"torch\.ops\.(?:_c10d_functional\.all_reduce_|bnpass\.shm_issue|bnpass\.shm_all_reduce)\.default"
                      r"\((\w+), '(\w+)', '([^']*)'\)")
 
 
@@ -181,24 +181,15 @@ def graph_device(gm: torch.fx.GraphModule) -> str:
     return "cpu"
 
 
-def split_conv_backwards(device: str, blocking: bool = False) -> bool:
+def split_conv_backwards(device: str) -> bool:
     """Whether the schedule splits convolution backwards in two (so that a weight gradient runs
-    while a BatchNorm's collective is in flight), per device and transport, as measured
-    (README "Lowering per device", benchmarks/RESULTS.md): never on CUDA (each extra convolution
-    call costs ~100 us of host time, H200 profile); on the CPU only where a collective of the graph
-    goes through the process group (asynchronous, ~2 % of a synced resnet18 step on 2 gloo ranks:
-    issue 16, unconfirmed). ``blocking``: every collective of the graph takes the same-host
-    transport, whose call is its own wait, so the split has nothing to overlap (its cost, two oneDNN
-    backward calls instead of one, was within noise: benchmarks/RESULTS.md "Where a CPU step's
-    time goes"), and the graph keeps one call per convolution."""
-    return device != "cuda" and not blocking
-
-
-def _blocking_transport(gm: torch.fx.GraphModule, options) -> bool:
-    """Whether every site collective of ``gm`` will take the same-host transport (bnpass/transport),
-    which blocks: asked before the schedule, which decides the split."""
-    groups = {node.args[1] for node in gm.graph.find_nodes(op="call_function", target=SITE_ALL_REDUCE)}
-    return bool(groups) and all(takes_shm(group, options) for group in groups)
+    while a BatchNorm's collective is in flight), per device, as measured (README "Lowering per
+    device", benchmarks/RESULTS.md): never on CUDA (each extra convolution call costs ~100 us of
+    host time, H200 profile); always on the CPU, where either transport is asynchronous (the
+    process group's, and the same-host one's issue / wait pair) and the weight gradient in the
+    window absorbs the ranks' skew at the wait (two oneDNN backward calls instead of one cost
+    nothing measurable: benchmarks/RESULTS.md "The split's own cost")."""
+    return device != "cuda"
 
 
 def device_inductor_config(device: str) -> dict:

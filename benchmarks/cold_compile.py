@@ -3,7 +3,7 @@ fresh process with a fresh Inductor cache directory, one process on torch's fake
 2 ranks (bnpass emits its collectives, which complete at once), 1 thread, 64x64 images, batch 8.
 
     python benchmarks/cold_compile.py [--models resnet18,densenet121] [--backends inductor,bnpass]
-                                      [--repeats 1] [--out FILE]
+                                      [--repeats 1] [--out FILE] [--serial-builds]
 
 ``--backends`` takes any of inductor, bnpass, aot_eager, bnpass_eager (the last two build no C++:
 ``bnpass_eager`` / ``aot_eager`` isolates what bnpass adds before code generation). Per run: the
@@ -21,6 +21,10 @@ step's wall time and where it went, from torch's own compile timers
   ops        call_function nodes in the partitioned forward + backward graphs (what tracing,
              the partitioner and the lowering pay per node)
   kernels    C++ kernels built (shared objects in the fresh cache directory)
+  builds_s   with ``--serial-builds`` (``TORCHINDUCTOR_COMPILE_THREADS=1``: every g++ run in this
+             process, none in workers, so the step is slower and cpp_wait is 0): the g++ runs'
+             summed wall time, and build_min_s the shortest one (a kernel's fixed cost: loading
+             Inductor's precompiled header, linking). Without it both are 0.
 The runs alternate the backends' order per repeat, so a change in the machine's load hits all; the
 load average before each run is printed with it (figures on a loaded machine are provisional).
 """
@@ -40,7 +44,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKENDS = ("inductor", "bnpass", "aot_eager", "bnpass_eager")
 PAIRS = (("bnpass", "inductor", 1.15), ("bnpass_eager", "aot_eager", None))  # (ours, stock, target)
 COLUMNS = ("step_s", "dynamo_s", "pass_s", "trace_s", "partition_s", "schedule_s", "lowering_s",
-           "cpp_wait_s", "other_s", "ops", "kernels")
+           "cpp_wait_s", "other_s", "ops", "kernels", "builds_s", "build_min_s")
 COUNTS = ("ops", "kernels")
 
 
@@ -99,6 +103,7 @@ def child(model_name: str, backend: str) -> dict:
         _timed(stages, name, ours, "pass_s")
     _timed(lowering, "schedule_collectives", ours, "schedule_s")  # bnpass_eager's too (schedule_and_record)
     _partitions(ours)
+    builds = _time_builds()
     torch.set_num_threads(1)
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=2)
     torch.manual_seed(0)
@@ -127,12 +132,32 @@ def child(model_name: str, backend: str) -> dict:
         "kernels": sum(1 for _ in Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).rglob("*.so")),
     }
     result["other_s"] = step - sum(v for k, v in result.items() if k.endswith("_s") and k != "step_s")
+    result["builds_s"], result["build_min_s"] = sum(builds), min(builds, default=0.0)
     return result
 
 
-def run_child(model: str, backend: str) -> dict:
+def _time_builds() -> list:
+    """The wall time of each g++ run made in this process (all of them with compile threads 1)."""
+    import torch._inductor.cpp_builder as cpp_builder
+
+    times: list = []
+    inner = cpp_builder.CppBuilder.build
+
+    def build(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(self, *args, **kwargs)
+        finally:
+            times.append(time.perf_counter() - start)
+
+    cpp_builder.CppBuilder.build = build
+    return times
+
+
+def run_child(model: str, backend: str, serial_builds: bool = False) -> dict:
     with tempfile.TemporaryDirectory(prefix="bnpass-cold-") as cache:
         env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": cache,
+               **({"TORCHINDUCTOR_COMPILE_THREADS": "1"} if serial_builds else {}),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         load = os.getloadavg()[0]
         proc = subprocess.run([sys.executable, __file__, "--child", model, backend], env=env,
@@ -149,7 +174,8 @@ def table(results: list[dict]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
         cells = [r["model"], r["backend"], f"{r['load']:.1f}"]
-        cells += [str(r[c]) if c in COUNTS else f"{r[c]:.1f}" for c in COLUMNS]
+        cells += [str(r[c]) if c in COUNTS else f"{r[c]:.2f}" if c == "build_min_s" else f"{r[c]:.1f}"
+                  for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -177,6 +203,8 @@ def main(argv=None) -> int:
                         help="comma-separated, of " + ", ".join(BACKENDS))
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--out", help="append the table to this markdown file")
+    parser.add_argument("--serial-builds", action="store_true",
+                        help="every C++ build in the compiling process, timed (builds_s, build_min_s)")
     parser.add_argument("--child", nargs=2, metavar=("MODEL", "BACKEND"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
@@ -191,13 +219,14 @@ def main(argv=None) -> int:
         for repeat in range(args.repeats):
             order = backends if repeat % 2 == 0 else backends[::-1]
             for backend in order:
-                result = {"model": model, "backend": backend, **run_child(model, backend)}
+                result = {"model": model, "backend": backend, **run_child(model, backend, args.serial_builds)}
                 results.append(result)
                 print(f"{model} {backend}: " + ", ".join(
                     f"{c} {result[c]}" if c in COUNTS else f"{c} {result[c]:.1f}" for c in COLUMNS)
                     + f" (load {result['load']:.1f})", flush=True)
     text = (f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, `python benchmarks/cold_compile.py "
-            f"--models {args.models} --backends {args.backends} --repeats {args.repeats}`\n\n{table(results)}\n\n{ratios(results)}\n")
+            f"--models {args.models} --backends {args.backends} --repeats {args.repeats}"
+            f"{' --serial-builds' if args.serial_builds else ''}`\n\n{table(results)}\n\n{ratios(results)}\n")
     print(text)
     if args.out:
         with open(args.out, "a") as f:

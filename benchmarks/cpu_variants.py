@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 OPTIONS = {
-    "bnpass": {}, "bnpass-nosplit": {}, "bnpass-split": {}, "bnpass-group": {},
+    "bnpass": {}, "bnpass-nosplit": {}, "bnpass-split": {}, "bnpass-group": {}, "bnpass-blocking": {},
     "bnpass-pg": {"transport": "process_group"}, "bnpass-local": {"group_size": 1},
     "bnpass-unscheduled": {"pack_collectives": False, "overlap": False},
     "bnpass-layout": {"inductor_config": {"layout_optimization": True}},
@@ -79,18 +79,21 @@ def build(variant: str, ddp: bool, stats_group=None, hook=None):
 @contextlib.contextmanager
 def compiling(variant: str):
     """Around a variant's first steps (its compile): the split of convolution backwards forced off
-    (bnpass-nosplit) or on (bnpass-split); DDPOptimizer off for ``@whole``."""
+    (bnpass-nosplit, bnpass-blocking) or on (bnpass-split); one blocking same-host call per
+    collective (bnpass-blocking); DDPOptimizer off for ``@whole``."""
     import bnpass.backends.inductor as lowering
+    import bnpass.transport.rewrite as transport
 
-    keep = lowering.split_conv_backwards
-    if base(variant) in ("bnpass-nosplit", "bnpass-split"):
+    keep, halves = lowering.split_conv_backwards, transport.HALVES
+    if base(variant) in ("bnpass-nosplit", "bnpass-split", "bnpass-blocking"):
         forced = base(variant) == "bnpass-split"
-        lowering.split_conv_backwards = lambda device, blocking=False: forced
+        lowering.split_conv_backwards = lambda device: forced
+    transport.HALVES = base(variant) != "bnpass-blocking"
     try:
         with torch._dynamo.config.patch(optimize_ddp=not variant.endswith("@whole")):
             yield
     finally:
-        lowering.split_conv_backwards = keep
+        lowering.split_conv_backwards, transport.HALVES = keep, halves
 
 
 def step(compiled, opt, images, labels) -> tuple[float, float, float]:

@@ -46,7 +46,7 @@ def group_op(name: str) -> str:
         return "convolution forward"
     if "cpp_fused" in name or "Compiled" in name or name.startswith("## Call CompiledFxGraph"):
         return "compiled graphs' own (Inductor's C++ kernels, wrapper)"
-    if "all_reduce" in name or "wait_tensor" in name or "c10d" in name or "shm_all_reduce" in name:
+    if "all_reduce" in name or "wait_tensor" in name or "c10d" in name or "bnpass::shm" in name:
         return "collectives (fake)"
     if name.startswith("aten::"):
         return "other aten"

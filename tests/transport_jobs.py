@@ -100,8 +100,11 @@ def specs_on_world(rank: int, world_size: int, specs: list) -> dict:
 def direct_calls(rank: int, world_size: int) -> dict:
     """``torch.ops.bnpass.shm_all_reduce`` called directly on the default group: sums of known
     values (float32, float64, a non-contiguous payload, an empty one, one of several rounds:
-    larger than a buffer), then a call whose size differs between the ranks (the error)."""
-    from bnpass.transport import SHM_ALL_REDUCE
+    larger than a buffer); the same payloads through ``shm_issue`` / ``shm_wait``, each waited
+    before the next issue ("paired"), and all issued before any wait, waited in reverse ("nested":
+    each issue completes the open round first); a wait on a token no issue returned; then a call
+    whose size differs between the ranks (the error)."""
+    from bnpass.transport import SHM_ALL_REDUCE, SHM_ISSUE, SHM_WAIT
     from bnpass.transport.channel import CAPACITY, channel_for
 
     group = dist.group.WORLD.group_name
@@ -111,6 +114,10 @@ def direct_calls(rank: int, world_size: int) -> dict:
                 torch.randn(6, 4, generator=g).t(), torch.empty(0),
                 torch.randn(CAPACITY // 8 * 2 + 11, dtype=torch.float64, generator=g)]
     out = {"inputs": payloads, "sums": [SHM_ALL_REDUCE(t, "sum", group) for t in payloads]}
+    out["paired"] = [SHM_WAIT(SHM_ISSUE(t, "sum", group), group) for t in payloads]
+    tokens = [SHM_ISSUE(t, "sum", group) for t in payloads]
+    out["nested"] = [SHM_WAIT(token, group) for token in tokens[::-1]][::-1]
+    out["bogus_token"] = _failure(lambda: SHM_WAIT(torch.empty(3), group))
     out["mismatch"] = _failure(lambda: SHM_ALL_REDUCE(torch.ones(3 + rank), "sum", group))
     out["pid"], out["segments"] = os.getpid(), segments()
     out["exit_now"] = True  # the channel is unusable after the error; skip the teardown

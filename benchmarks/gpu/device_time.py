@@ -20,8 +20,8 @@ import torch
 _CPU_KERNEL_PREFIX = re.compile(r"^graph_\d+_")
 _WRAPPER = "## Call CompiledFxGraph"  # the record_function around a compiled graph's wrapper call
 # The host side of a collective, as the profiler names the dispatcher ops (inclusive times).
-ISSUE_OPS = ("_c10d_functional::all_reduce_", "_c10d_functional::all_reduce")
-WAIT_OPS = ("_c10d_functional::wait_tensor",)
+ISSUE_OPS = ("_c10d_functional::all_reduce_", "_c10d_functional::all_reduce", "bnpass::shm_issue")
+WAIT_OPS = ("_c10d_functional::wait_tensor", "bnpass::shm_wait")
 BLOCKING_OPS = ("bnpass::shm_all_reduce",)  # issue and wait in one call (same-host transport)
 COLLECTIVE_OPS = ISSUE_OPS + WAIT_OPS + BLOCKING_OPS
 # Kineto's device activities that are work (not the GPU track's copies of record_function ranges).

@@ -67,7 +67,11 @@ def _spin_ns(world: int) -> int:
 
 
 class Channel:
-    """The mapped segment of one group: ``all_reduce_sum(t)`` over its ranks, in rank order."""
+    """The mapped segment of one group: ``all_reduce_sum(t)`` over its ranks, in rank order, in one
+    call, or in two: ``issue(t)`` (copy and publish) then ``wait(token)`` (wait for the peers, sum),
+    with other work of the rank's between them. At most one round is open (issued, not waited) per
+    channel: ``issue`` completes an open round first (its ``wait`` then returns the sum at once),
+    which keeps the protocol's safety argument (shm.c) whatever order a graph puts the calls in."""
 
     def __init__(self, base: int, group_name: str, ranks: list[int], me: int, timeout_s: float,
                  pids: list[int]):
@@ -75,28 +79,89 @@ class Channel:
         self.timeout_ns = int(timeout_s * 1e9)
         self.spin_ns = _spin_ns(len(ranks))
         self.pids = pids
-        self._call = native.library().bnshm_all_reduce
+        lib = native.library()
+        self._call, self._issue, self._complete, self._now = (
+            lib.bnshm_all_reduce, lib.bnshm_issue, lib.bnshm_complete, lib.bnshm_now_ns)
         self._seq = ctypes.c_uint32(0)
         self._who = ctypes.c_int(-1)
+        self._theirs = ctypes.c_uint32(0)
         self._lock = threading.Lock()
+        # the open round: (token's data_ptr, round, dtype code, src, out, deadline); and the sums of
+        # rounds completed early, by token, until their wait collects them
+        self._open: Optional[tuple] = None
+        self._done: dict[int, torch.Tensor] = {}
 
-    def all_reduce_sum(self, payload: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _checked(payload: torch.Tensor) -> tuple[int, torch.Tensor]:
         dtype = _DTYPES.get(payload.dtype)
         if dtype is None or payload.device.type != "cpu":
             raise BNPassError(f"bnpass: the shared-memory transport sums float32/float64 CPU tensors, "
                               f"got {payload.dtype} on {payload.device}; use "
                               "options={'transport': 'process_group'}")
-        src = payload if payload.is_contiguous() else payload.contiguous()
+        return dtype, (payload if payload.is_contiguous() else payload.contiguous())
+
+    def all_reduce_sum(self, payload: torch.Tensor) -> torch.Tensor:
+        dtype, src = self._checked(payload)
         out = torch.empty_like(src)
         if src.numel() == 0:
             return out
         with self._lock:
+            self._finish_open()
             rc = self._call(
                 self.base, self.me, ctypes.byref(self._seq), dtype, src.data_ptr(), out.data_ptr(),
                 src.numel(), self.spin_ns, self.timeout_ns, ctypes.byref(self._who))
         if rc:
             raise self._error(rc, self._who.value, src, self._seq.value)
         return out
+
+    def issue(self, payload: torch.Tensor) -> torch.Tensor:
+        """Publish this rank's ``payload`` for the next round; returns the token to ``wait`` on (a
+        tensor shaped like the sum; its contents are not the sum). A payload larger than the
+        segment's buffers (``CAPACITY``) is summed here, in several rounds, and its wait returns it."""
+        dtype, src = self._checked(payload)
+        token = torch.empty_like(src)
+        if src.numel() == 0:  # nothing to sum (and no data_ptr to key the round by): wait makes it
+            return token
+        if src.numel() * src.element_size() > CAPACITY:
+            self._done[token.data_ptr()] = self.all_reduce_sum(src)
+            return token
+        with self._lock:
+            self._finish_open()
+            s = (self._seq.value + 1) & 0xFFFFFFFF
+            rc = self._issue(self.base, self.me, s, dtype, src.data_ptr(), src.numel())
+            if rc:
+                raise self._error(rc, -1, src, 0)
+            self._open = (token.data_ptr(), s, dtype, src, torch.empty_like(src),
+                          self._now() + self.timeout_ns)
+        return token
+
+    def wait(self, token: torch.Tensor) -> torch.Tensor:
+        """The sum of the round ``token`` was issued for."""
+        if token.numel() == 0:
+            return torch.empty_like(token)
+        key = token.data_ptr()
+        with self._lock:
+            if self._open is not None and self._open[0] == key:
+                self._finish_open()
+            done = self._done.pop(key, None)
+        if done is None:
+            raise BNPassError(f"bnpass: shm_wait on process group {self.group_name} was given a token "
+                              "that no shm_issue of this process returned (or that was waited on "
+                              "already); report it with the model")
+        return done
+
+    def _finish_open(self) -> None:
+        """Complete the open round, if any, keeping its sum for its wait (the lock is held)."""
+        if self._open is None:
+            return
+        key, s, dtype, src, out, deadline = self._open
+        self._open = None
+        rc = self._complete(self.base, self.me, s, dtype, out.data_ptr(), src.numel(), self.spin_ns,
+                            deadline, ctypes.byref(self._who), ctypes.byref(self._theirs))
+        if rc:
+            raise self._error(rc, self._who.value, src, self._theirs.value)
+        self._seq.value = s
+        self._done[key] = out
 
     def _error(self, rc: int, who: int, src: torch.Tensor, theirs: int) -> BNPassError:
         peer = f"rank {self.ranks[who]} (pid {self.pids[who]})" if 0 <= who < len(self.ranks) else "a rank"

@@ -61,6 +61,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
         ("bnshm_gone", i, [i]),
         ("bnshm_all_reduce", i, [vp, i, ctypes.POINTER(ctypes.c_uint32), i, vp, vp, l, l, l,
                                  ctypes.POINTER(i)]),
+        ("bnshm_issue", i, [vp, i, ctypes.c_uint32, i, vp, l]),
+        ("bnshm_complete", i, [vp, i, ctypes.c_uint32, i, vp, l, l, l, ctypes.POINTER(i),
+                               ctypes.POINTER(ctypes.c_uint32)]),
+        ("bnshm_now_ns", l, []),
     ):
         fn = getattr(lib, name)
         fn.restype, fn.argtypes = res, args

@@ -1,10 +1,11 @@
-"""Put ``bnpass.shm_all_reduce`` in place of the process-group all_reduces that can use it.
+"""Put ``bnpass.shm_issue`` / ``shm_wait`` in place of the process-group all_reduces that can use them.
 
 Runs on each forward and backward graph AOTAutograd hands to the lowering, after the schedule
 (bnpass/schedule.py: packing and order are decided on the process-group collectives; this pass
 only swaps the transport of each, in place, so both lowerings and every rank see the same
-sequence). An ``_c10d_functional.all_reduce`` + ``wait_tensor`` pair becomes one blocking
-``shm_all_reduce`` where the all_reduce stood (its payload is ready there) when
+sequence). An ``_c10d_functional.all_reduce`` + ``wait_tensor`` pair becomes ``shm_issue`` where
+the all_reduce stood (its payload is ready there) and ``shm_wait`` where the wait stood (the
+schedule's window between them: work that the rank does while its peers arrive) when
 
 * ``options.transport`` is ``"auto"``,
 * it sums a float32 or float64 CPU tensor,
@@ -12,7 +13,7 @@ sequence). An ``_c10d_functional.all_reduce`` + ``wait_tensor`` pair becomes one
   host and have mapped a shared segment (channel.py; set up here at the first compile that needs
   it).
 
-The new node keeps the all_reduce node's ``meta`` (e.g. ``bnpass_sites``) with
+The issue node keeps the all_reduce node's ``meta`` (e.g. ``bnpass_sites``) with
 ``meta["bnpass_transport"] = "shm"``; every all_reduce left in place gets ``"process_group"``.
 """
 
@@ -23,11 +24,14 @@ import torch.distributed as dist
 import torch.fx as fx
 
 from .channel import channel_for
-from .op import SHM_ALL_REDUCE
+from .op import SHM_ALL_REDUCE, SHM_ISSUE, SHM_WAIT
 
 __all__ = ["apply_transport", "mark_transports", "takes_shm", "SHM", "PROCESS_GROUP"]
 
 SHM, PROCESS_GROUP = "shm", "process_group"
+# Two halves (shm_issue ... shm_wait) or one blocking shm_all_reduce where the all_reduce stood:
+# the latter only for benchmarks/cpu_variants.py's "bnpass-blocking", to measure what the halves win.
+HALVES = True
 _ALL_REDUCE = torch.ops._c10d_functional.all_reduce.default
 _WAIT = torch.ops._c10d_functional.wait_tensor.default
 
@@ -57,7 +61,7 @@ def takes_shm(group_name: str, options) -> bool:
 
 
 def apply_transport(gm: fx.GraphModule, options) -> list[str]:
-    """Swap the qualifying all_reduces of ``gm`` for ``shm_all_reduce``, in place; the transport of
+    """Swap the qualifying all_reduces of ``gm`` for ``shm_issue`` + ``shm_wait``, in place; the transport of
     each collective of the graph, in graph order."""
     transports, changed = [], False
     for node in list(gm.graph.nodes):
@@ -69,12 +73,20 @@ def apply_transport(gm: fx.GraphModule, options) -> list[str]:
             transports.append(PROCESS_GROUP)
             continue
         (wait,) = node.users
-        with gm.graph.inserting_before(node):
-            shm = gm.graph.call_function(SHM_ALL_REDUCE, (node.args[0], "sum", group_name))
-        shm.meta.update(node.meta)
-        shm.meta["val"] = wait.meta.get("val", node.meta.get("val"))
-        shm.meta["bnpass_transport"] = SHM
-        wait.replace_all_uses_with(shm)
+        if HALVES:
+            with gm.graph.inserting_before(node):
+                issue = gm.graph.call_function(SHM_ISSUE, (node.args[0], "sum", group_name))
+            with gm.graph.inserting_before(wait):
+                done = gm.graph.call_function(SHM_WAIT, (issue, group_name))
+        else:
+            with gm.graph.inserting_before(node):
+                issue = done = gm.graph.call_function(SHM_ALL_REDUCE, (node.args[0], "sum", group_name))
+        issue.meta.update(node.meta)
+        issue.meta["bnpass_transport"] = SHM
+        if done is not issue:
+            done.meta.update(wait.meta)
+        done.meta["val"] = wait.meta.get("val", node.meta.get("val"))
+        wait.replace_all_uses_with(done)
         gm.graph.erase_node(wait)
         gm.graph.erase_node(node)
         transports.append(SHM)

@@ -212,41 +212,72 @@ static void publish(ctl_t *c, uint32_t s) {
 SUM(float)
 SUM(double)
 
+/* Round s of a payload that fits in `capacity`, in two calls: bnshm_issue (steps 1-2: copy, publish)
+ * and bnshm_complete (steps 3-4: wait, check, sum), so that a rank can compute between the two while
+ * its peers arrive. The caller keeps at most one round per segment between the two calls (bnpass's
+ * Channel completes an open round before it issues the next), which is what the safety argument
+ * above needs: a rank issues round s + 1 only after it completed round s. */
+int bnshm_issue(void *base, int rank, uint32_t s, int dtype, const void *in, long numel) {
+    header_t *h = (header_t *)base;
+    long elsize = dtype == 0 ? 4 : dtype == 1 ? 8 : 0;
+    if (elsize == 0 || rank < 0 || rank >= (int)h->world || numel * elsize > (long)h->capacity) return BAD;
+    int buf = s & 1;
+    memcpy((char *)base + data_offset((int)h->world, h->capacity, rank, buf), in, numel * elsize);
+    ctl(base, rank)->shape[buf] = (uint64_t)numel * 4 + (uint64_t)dtype;
+    publish(ctl(base, rank), s);
+    return OK;
+}
+
+/* out = the sum of round s (issued by bnshm_issue with these dtype and numel) over the group's ranks,
+ * in rank order. On TIMEOUT, DEAD or MISMATCH, *who is the peer's group rank and *theirs, on
+ * MISMATCH, its shape (numel * 4 + dtype); the channel is unusable after any error. */
+int bnshm_complete(void *base, int rank, uint32_t s, int dtype, void *out, long numel, long spin_ns,
+                   long deadline_ns, int *who, uint32_t *theirs) {
+    header_t *h = (header_t *)base;
+    int world = (int)h->world, buf = s & 1;
+    uint64_t shape = (uint64_t)numel * 4 + (uint64_t)dtype;
+    for (int p = 0; p < world; p++) {
+        if (p == rank) continue;
+        int rc = wait_for(ctl(base, p), s, spin_ns, deadline_ns);
+        if (rc == OK && ctl(base, p)->shape[buf] != shape) rc = MISMATCH;
+        if (rc != OK) {
+            *who = p;
+            *theirs = ctl(base, p)->shape[buf] < (1ull << 34) ? (uint32_t)ctl(base, p)->shape[buf] : 0;
+            return rc;
+        }
+    }
+    if (dtype == 0)
+        sum_float(base, world, h->capacity, buf, (float *)out, numel);
+    else
+        sum_double(base, world, h->capacity, buf, (double *)out, numel);
+    return OK;
+}
+
+/* The monotonic clock in ns (the deadlines above are on it). */
+long bnshm_now_ns(void) { return now_ns(); }
+
 /* out = sum over the group's ranks of `in` (numel values; dtype 0 float32, 1 float64), in rank
- * order. *seq: the last round this rank completed, advanced by the rounds used. On TIMEOUT, DEAD or
- * MISMATCH, *who is the peer's group rank, and on MISMATCH *seq its shape (numel * 4 + dtype; the
- * channel is unusable after any error). timeout_ns: from the call's start. */
+ * order: issue and complete, one round per `capacity` bytes. *seq: the last round this rank
+ * completed, advanced by the rounds used. On TIMEOUT, DEAD or MISMATCH, *who is the peer's group
+ * rank, and on MISMATCH *seq its shape (numel * 4 + dtype; the channel is unusable after any
+ * error). timeout_ns: from the call's start. */
 int bnshm_all_reduce(void *base, int rank, uint32_t *seq, int dtype, const void *in, void *out,
                      long numel, long spin_ns, long timeout_ns, int *who) {
     header_t *h = (header_t *)base;
-    int world = (int)h->world;
-    uint64_t cap = h->capacity;
     long elsize = dtype == 0 ? 4 : dtype == 1 ? 8 : 0;
-    if (elsize == 0 || rank < 0 || rank >= world) return BAD;
-    long per_round = (long)(cap / elsize), deadline = now_ns() + timeout_ns;
+    if (elsize == 0 || rank < 0 || rank >= (int)h->world) return BAD;
+    long per_round = (long)(h->capacity / elsize), deadline = now_ns() + timeout_ns;
     for (long done = 0; done < numel; done += per_round) {
         long n = numel - done < per_round ? numel - done : per_round;
-        uint32_t s = *seq + 1;
-        int buf = s & 1;
-        uint64_t shape = (uint64_t)n * 4 + (uint64_t)dtype;
-        memcpy((char *)base + data_offset(world, cap, rank, buf), (const char *)in + done * elsize,
-               n * elsize);
-        ctl(base, rank)->shape[buf] = shape;
-        publish(ctl(base, rank), s);
-        for (int p = 0; p < world; p++) {
-            if (p == rank) continue;
-            int rc = wait_for(ctl(base, p), s, spin_ns, deadline);
-            if (rc == OK && ctl(base, p)->shape[buf] != shape) rc = MISMATCH;
-            if (rc != OK) {
-                *who = p;
-                *seq = ctl(base, p)->shape[buf] < (1ull << 34) ? (uint32_t)ctl(base, p)->shape[buf] : 0;
-                return rc;
-            }
+        uint32_t s = *seq + 1, theirs = 0;
+        int rc = bnshm_issue(base, rank, s, dtype, (const char *)in + done * elsize, n);
+        if (rc == OK)
+            rc = bnshm_complete(base, rank, s, dtype, (char *)out + done * elsize, n, spin_ns, deadline,
+                                who, &theirs);
+        if (rc != OK) {
+            if (rc == MISMATCH) *seq = theirs;
+            return rc;
         }
-        if (dtype == 0)
-            sum_float(base, world, cap, buf, (float *)out + done, n);
-        else
-            sum_double(base, world, cap, buf, (double *)out + done, n);
         *seq = s;
     }
     return OK;
