@@ -21,10 +21,11 @@ step's wall time and where it went, from torch's own compile timers
   ops        call_function nodes in the partitioned forward + backward graphs (what tracing,
              the partitioner and the lowering pay per node)
   kernels    C++ kernels built (shared objects in the fresh cache directory)
-  builds_s   with ``--serial-builds`` (``TORCHINDUCTOR_COMPILE_THREADS=1``: every g++ run in this
-             process, none in workers, so the step is slower and cpp_wait is 0): the g++ runs'
-             summed wall time, and build_min_s the shortest one (a kernel's fixed cost: loading
-             Inductor's precompiled header, linking). Without it both are 0.
+  builds_s   the summed wall time of the g++ runs started from this process (Inductor's compile
+             threads overlap them, so the sum can exceed the wall time); with ``--serial-builds``
+             (``TORCHINDUCTOR_COMPILE_THREADS=1``) one at a time, so the step is slower and
+             cpp_wait is 0. build_min_s: the shortest run that built a shared object (a kernel's
+             fixed cost: loading Inductor's precompiled header, linking)
 The runs alternate the backends' order per repeat, so a change in the machine's load hits all; the
 load average before each run is printed with it (figures on a loaded machine are provisional).
 """
@@ -132,12 +133,13 @@ def child(model_name: str, backend: str) -> dict:
         "kernels": sum(1 for _ in Path(os.environ["TORCHINDUCTOR_CACHE_DIR"]).rglob("*.so")),
     }
     result["other_s"] = step - sum(v for k, v in result.items() if k.endswith("_s") and k != "step_s")
-    result["builds_s"], result["build_min_s"] = sum(builds), min(builds, default=0.0)
+    result["builds_s"] = sum(t for t, _ in builds)
+    result["build_min_s"] = min((t for t, shared in builds if shared), default=0.0)
     return result
 
 
 def _time_builds() -> list:
-    """The wall time of each g++ run made in this process (all of them with compile threads 1)."""
+    """(wall time, built a shared object) of each g++ run started from this process."""
     import torch._inductor.cpp_builder as cpp_builder
 
     times: list = []
@@ -148,7 +150,7 @@ def _time_builds() -> list:
         try:
             return inner(self, *args, **kwargs)
         finally:
-            times.append(time.perf_counter() - start)
+            times.append((time.perf_counter() - start, self.get_target_file_path().endswith(".so")))
 
     cpp_builder.CppBuilder.build = build
     return times
