@@ -172,13 +172,15 @@ def check_generated(source, sequence: list[dict], direction: str) -> None:
                           f"issue different collectives. Report it with the model")
 
 
+def tensors_device(values) -> str:
+    """"cuda" when one of ``values`` is a tensor on a CUDA device, else "cpu": the device whose
+    choices (``device_inductor_config``, ``split_conv_backwards``) a graph takes."""
+    return "cuda" if any(isinstance(v, torch.Tensor) and v.device.type == "cuda" for v in values) else "cpu"
+
+
 def graph_device(gm: torch.fx.GraphModule) -> str:
-    """"cuda" when a tensor the graph takes is on a CUDA device, else "cpu"."""
-    for node in gm.graph.find_nodes(op="placeholder"):
-        val = node.meta.get("val")
-        if isinstance(val, torch.Tensor) and val.device.type == "cuda":
-            return "cuda"
-    return "cpu"
+    """``tensors_device`` of the tensors the graph takes (its placeholders' example values)."""
+    return tensors_device(node.meta.get("val") for node in gm.graph.find_nodes(op="placeholder"))
 
 
 def split_conv_backwards(device: str) -> bool:
@@ -226,8 +228,7 @@ def _provenance_scope():
 
 def lower(gm, example_inputs, options, record):
     """Compile the rewritten graph with Inductor; returns Inductor's compiled callable."""
-    devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
-    patches = device_inductor_config("cuda" if "cuda" in devices else "cpu")
+    patches = device_inductor_config(tensors_device(example_inputs))
     if options.mode is not None:
         patches.update(torch._inductor.list_mode_options(options.mode))
     # Inductor's peak-memory reordering would undo bnpass's schedule, and may move collectives that
