@@ -34,8 +34,6 @@ from bnpass.options import BNPassError
 from bnpass.schedule import collective_sequence, save_site_collectives, schedule_collectives
 from bnpass.transport import SHM_ALL_REDUCE, SHM_ISSUE, apply_transport, mark_transports
 
-SITE_ALL_REDUCE = torch.ops.bnpass.site_all_reduce.default
-
 __all__ = ["lower", "count_all_reduces", "schedule_and_record", "agreeing"]
 
 _ALL_REDUCES = {torch.ops._c10d_functional.all_reduce.default, torch.ops._c10d_functional.all_reduce_.default,

@@ -49,18 +49,24 @@ COLUMNS = ("step_s", "dynamo_s", "pass_s", "trace_s", "partition_s", "schedule_s
 COUNTS = ("ops", "kernels")
 
 
-def _timed(module, name: str, totals: dict, key: str) -> None:
-    """Replace ``module.name`` by a wrapper adding its wall time to ``totals[key]``."""
-    inner = getattr(module, name)
+def _on_each_call(owner, name: str, record) -> None:
+    """Replace ``owner.name`` (a module's function, or a class's method) by a wrapper that calls
+    ``record(seconds, args)`` with each call's wall time and positional arguments."""
+    inner = getattr(owner, name)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
         try:
             return inner(*args, **kwargs)
         finally:
-            totals[key] = totals.get(key, 0.0) + time.perf_counter() - start
+            record(time.perf_counter() - start, args)
 
-    setattr(module, name, wrapper)
+    setattr(owner, name, wrapper)
+
+
+def _timed(module, name: str, totals: dict, key: str) -> None:
+    """Add the wall time of every call of ``module.name`` to ``totals[key]``."""
+    _on_each_call(module, name, lambda seconds, _: totals.__setitem__(key, totals.get(key, 0.0) + seconds))
 
 
 def _partitions(totals: dict) -> None:
@@ -143,16 +149,8 @@ def _time_builds() -> list:
     import torch._inductor.cpp_builder as cpp_builder
 
     times: list = []
-    inner = cpp_builder.CppBuilder.build
-
-    def build(self, *args, **kwargs):
-        start = time.perf_counter()
-        try:
-            return inner(self, *args, **kwargs)
-        finally:
-            times.append((time.perf_counter() - start, self.get_target_file_path().endswith(".so")))
-
-    cpp_builder.CppBuilder.build = build
+    _on_each_call(cpp_builder.CppBuilder, "build", lambda seconds, args: times.append(
+        (seconds, args[0].get_target_file_path().endswith(".so"))))
     return times
 
 
