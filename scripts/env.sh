@@ -12,7 +12,8 @@ STAMP="$VENV/.bnpass-install"
 WANT="$ROOT $(cat "$ROOT/pyproject.toml" "$ROOT/constraints.txt" | sha256sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ] \
         || ! "$VENV/bin/python" -c "import importlib.metadata as m
-for d in ('bnpass', 'torch', 'torchvision', 'timm', 'lightning', 'accelerate', 'pytest'): m.version(d)" 2>/dev/null; then
+for d in ('bnpass', 'torch', 'torchvision', 'timm', 'lightning', 'accelerate', 'mmengine-lite',
+          'opencv-python-headless', 'matplotlib', 'pytest'): m.version(d)" 2>/dev/null; then
     "$VENV/bin/pip" install -q --disable-pip-version-check -c "$ROOT/constraints.txt" -e "$ROOT[test]"
     echo "$WANT" > "$STAMP"
 fi
