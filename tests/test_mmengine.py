@@ -20,8 +20,8 @@ from tests.harness import run_ranks  # noqa: E402
 
 TOL = 2e-5
 ITERS = 3
-# Graph breaks in mmengine's train_step around the model (its logger, loss.backward(), and the
-# test's recording optimizer step): none inside the model's graph.
+# Graph breaks in mmengine's train_step around the model (DDP's own forward: its Logger;
+# loss.backward(); the test's recording optimizer step): none inside the model's graph.
 BREAKS_OUTSIDE_BN = ("Logger", "backward()", "torch.compiler.disable")
 
 
