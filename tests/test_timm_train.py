@@ -15,7 +15,6 @@ fails on the CPU (``tests/timm_jobs.py`` ``PATCHES``)."""
 
 from __future__ import annotations
 
-import ast
 import os
 from pathlib import Path
 
@@ -26,6 +25,7 @@ pytest.importorskip("timm")
 
 from tests.checks import EAGER_MULTIPLIER, abs_err, assert_counts  # noqa: E402
 from tests.harness import run_ranks  # noqa: E402
+from tests.test_docs import declared_options  # noqa: E402
 from tests.test_reliability import DDP_FORWARD  # noqa: E402
 
 TRAIN_PY = os.environ.get("BNPASS_TIMM_TRAIN_PY")
@@ -59,14 +59,6 @@ def _argv(data: Path, output: Path, backend: str) -> list[str]:
             "--output", str(output), "--checkpoint-hist", "1"]
 
 
-def _declared_options(script: Path) -> set[str]:
-    options = set()
-    for node in ast.walk(ast.parse(script.read_text())):
-        if isinstance(node, ast.Call) and getattr(node.func, "attr", None) == "add_argument":
-            options |= {a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("-")}
-    return options
-
-
 def _close(name: str, ours, ref, eager) -> None:
     err, scale = abs_err(ours, ref)
     allowed = max(TOL * scale, EAGER_MULTIPLIER * abs_err(eager, ref)[0])
@@ -79,7 +71,7 @@ def test_train_py_torchcompile_bnpass(tmp_path, backend):
 
     script = Path(TRAIN_PY).resolve()
     argv = _argv(tmp_path / "data", tmp_path / "output", backend)
-    missing = sorted({a for a in argv if a.startswith("--")} - _declared_options(script))
+    missing = sorted({a for a in argv if a.startswith("--")} - declared_options(script))
     assert not missing, f"{script} has no {missing}: another train.py than this test was written for"
     _image_folder(tmp_path / "data")
     per_rank = run_ranks("tests.timm_jobs:run_train_py", 2, str(script), argv, deadline_s=1200)
