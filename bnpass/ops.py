@@ -14,7 +14,8 @@ Forward (one all_reduce, 2C+1 float64 values):
     global:  mean = S1/N, var = S2/N - mean^2             (float64 keeps ~8 digits at |mean|/std=1e4)
     y = xhat * w + b
 
-Backward (one all_reduce, 2C float32 values; none when x needs no gradient, e.g. a BN on the input):
+Backward (one all_reduce, 2C values, float64 on the CPU and float32 elsewhere, as eager BatchNorm
+accumulates on each device; none when x needs no gradient, e.g. a BN on the input):
     local:   [sum(dy), sum(dy * xhat)] = [db, dw]         summed over ranks (invstd is global, so
                                                           the sum of the dw_r is sum(dy*xhat) of all)
     dx = w * invstd * (dy - sum(dy)/N - xhat * sum(dy*xhat)/N)
@@ -103,11 +104,11 @@ _ONE_VALUE = ("Expected more than 1 value per channel when training, got at most
 
 class GlobalStatistics(NamedTuple):
     total: Tensor  # (1,) float64: N, the global count
-    mean: Tensor  # (C,) float32
+    mean: Tensor  # (C,) float64: for the running statistics
     mean_hi: Tensor  # (C,) float32: mean = mean_hi + mean_lo to float64 precision
     mean_lo: Tensor
     invstd: Tensor  # (C,) float32: rsqrt(biased global variance + eps)
-    unbiased_var: Tensor  # (C,) float32: for the running statistics
+    unbiased_var: Tensor  # (C,) float64: for the running statistics
 
 
 def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
@@ -138,18 +139,24 @@ def global_statistics(sum_r: Tensor, m2_r: Tensor, n_local, eps: float,
     mean_hi = mean64.float()
     mean_lo = (mean64 - mean_hi).float()  # the subtraction promotes mean_hi to float64, exactly
     invstd = torch.rsqrt(var64 + eps).float()
-    unbiased_var = (var64 * (total / (total - 1))).float()
-    return GlobalStatistics(total, mean_hi, mean_hi, mean_lo, invstd, unbiased_var)
+    unbiased_var = var64 * (total / (total - 1))
+    return GlobalStatistics(total, mean64, mean_hi, mean_lo, invstd, unbiased_var)
 
 
 def global_grad_means(local: Tensor, total: Tensor, group_name: Optional[str],
                       site: int = -1) -> tuple[Tensor, Tensor]:
-    """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*xhat] (2C float32), and
+    """The backward's one all_reduce, of ``local`` = [sum dy, sum dy*xhat] (2C, float64 on the CPU), and
     the per-channel terms of dx = scale*(dy - mean_dy - xhat*mean_dy_xhat). Shared by every
     kernel choice (see backends/triton_bn_op.py)."""
     channels = local.shape[0] // 2
-    means = _all_reduce_sum(local, group_name, site, "backward") / total.float()  # crosses ranks
+    means = _all_reduce_sum(local, group_name, site, "backward") / total.to(local.dtype)  # crosses ranks
     return means[:channels], means[channels:]
+
+
+def _accumulation_dtype(x: Tensor) -> torch.dtype:
+    """What the backward's sums accumulate in: float64 on the CPU, as eager's CPU BatchNorm does
+    (its sums of dy and dy*(x-mean) are doubles); float32 elsewhere, as eager's CUDA kernels."""
+    return torch.float64 if x.device.type == "cpu" else torch.float32
 
 
 class SyncedBatchNormFunction(torch.autograd.Function):
@@ -184,12 +191,13 @@ class SyncedBatchNormFunction(torch.autograd.Function):
         dims = _reduce_dims(x)
         dyf = dy.float()
         xhat = _centered(x.float(), mean_hi, mean_lo) * _per_channel(invstd, x)
-        local = torch.cat([dyf.sum(dims), (dyf * xhat).sum(dims)])  # [db, dw] of this rank
+        acc = _accumulation_dtype(x)
+        local = torch.cat([dyf.sum(dims, dtype=acc), (dyf * xhat).sum(dims, dtype=acc)])  # [db, dw] of this rank
         dw = local[channels:].to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
         db = local[:channels].to(ctx.bias_dtype) if ctx.needs_input_grad[2] else None
         dx = None
         if ctx.needs_input_grad[0]:  # otherwise no collective: dw and db are local sums
-            mean_dy, mean_dy_xhat = global_grad_means(local, total, ctx.group_name, ctx.site)
+            mean_dy, mean_dy_xhat = (m.float() for m in global_grad_means(local, total, ctx.group_name, ctx.site))
             dx = ((dyf - _per_channel(mean_dy, x) - xhat * _per_channel(mean_dy_xhat, x))
                   * _per_channel(scale, x)).to(x.dtype)
         return dx, dw, db, None, None, None
@@ -221,9 +229,14 @@ def synced_batch_norm(
         y, mean, unbiased_var = triton_synced_bn(x, weight, bias, eps, group_name, relu, site)
     else:
         y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name, site)
+    # The running statistics move in float64 and are rounded once, as eager's CPU kernel does
+    # (its accumulation type for float32 is double): a float32 lerp of a float32-rounded statistic
+    # rounds three times, ~3x eager's error on a running variance.
     with torch.no_grad():
+        if isinstance(momentum, Tensor):
+            momentum = momentum.double()
         if running_mean is not None:
-            running_mean.copy_(torch.lerp(running_mean, mean.to(running_mean.dtype), momentum))
+            running_mean.copy_(torch.lerp(running_mean.double(), mean.double(), momentum))
         if running_var is not None:
-            running_var.copy_(torch.lerp(running_var, unbiased_var.to(running_var.dtype), momentum))
+            running_var.copy_(torch.lerp(running_var.double(), unbiased_var.double(), momentum))
     return y

@@ -65,7 +65,7 @@ def test_each_collective_and_its_transport(tiny_kernels):
     entries = data["sequence"]
     assert [(e["direction"], e["position"], e["transport"], e["numel"], e["dtype"]) for e in entries] == \
         [("forward", i, "process_group", 9, "float64") for i in range(3)] + \
-        [("backward", i, "process_group", 8, "float32") for i in range(3)]
+        [("backward", i, "process_group", 8, "float64") for i in range(3)]  # CPU: float64 sums
     assert sorted(s for e in entries if e["direction"] == "forward" for s in e["sites"]) == [0, 1, 2]
     assert data["collectives"]["transport"] == {"forward": {"process_group": 3}, "backward": {"process_group": 3}}
     text = render_text(tiny_kernels)

@@ -54,9 +54,9 @@ def test_convnet_all_bn_options(two_ranks):
     """BN2d with momentum, momentum=None, no running stats, affine=False; residual add."""
     judge(two_ranks, "convnet")
     assert_counts(two_ranks["convnet"], sites=4, synced=4, forward=4, backward=4)
-    # payload per site: 2C+1 float64 forward, 2C float32 backward (C = 6)
+    # payload per site: 2C+1 float64 forward, 2C float64 backward on the CPU (C = 6; ops.py)
     for r in two_ranks["convnet"]:
-        assert r["records"][0]["collective_bytes"] == {"forward": 4 * 13 * 8, "backward": 4 * 12 * 4}
+        assert r["records"][0]["collective_bytes"] == {"forward": 4 * 13 * 8, "backward": 4 * 12 * 8}
 
 
 def test_convert_sync_batchnorm_compiles_and_syncs(two_ranks):
@@ -96,9 +96,9 @@ def test_independent_branches_share_collectives(two_ranks):
     float64 on the global batch."""
     judge(two_ranks, "branches")
     assert_counts(two_ranks["branches"], sites=6, synced=6, forward=3, backward=3, unpacked=(6, 6))
-    for r in two_ranks["branches"]:  # 3 BNs of C=8, 3 of C=4: (2C+1) float64 fwd, 2C float32 bwd
+    for r in two_ranks["branches"]:  # 3 BNs of C=8, 3 of C=4: (2C+1) float64 fwd, 2C float64 bwd (CPU)
         assert r["records"][0]["collective_bytes"] == {"forward": (3 * 17 + 3 * 9) * 8,
-                                                       "backward": (3 * 16 + 3 * 8) * 4}
+                                                       "backward": (3 * 16 + 3 * 8) * 8}
 
 
 def test_empty_rank(two_ranks):
