@@ -1,7 +1,9 @@
-"""A property test that hunts for the next hole (issue 12): random small Linear/Conv + BatchNorm
-stacks (tests/random_models.py: sequential blocks, parallel branches of the same or different
-widths, affine on and off, every momentum form), random per-rank batch sizes (0 and 1 included),
-2 and 3 gloo ranks, packing on and off, ``bnpass_eager`` and ``bnpass``.
+"""A property test that hunts for the next hole (issues 12, 24): random small Linear/Conv + BatchNorm
+models (tests/random_models.py: sequential blocks of one to three parallel branches of different
+depths, widths and resolutions, summed or concatenated; spatial sizes down to 1x1; affine on and
+off, every momentum form), per-rank batches of 0, 1 and more (case i puts a 0 or a 1 on rank
+i mod W, the other ranks random), 2 and 3 gloo ranks, packing on and off, ``bnpass_eager`` and
+``bnpass``.
 
 For every case, on every rank: the same collective sequence as every other rank (order, sizes,
 dtypes, sites), the counts the drawn model must compile to, and the numbers against the float64
@@ -33,7 +35,10 @@ def draw_cases(seed: int, count: int, world_size: int, inductor: int = 0) -> lis
         drawn = describe(model_seed)
         on_inductor = len(cases) < inductor
         low = 1 if on_inductor and drawn.family == "conv" else 0  # Inductor: no conv on N = 0 (FACTS.md)
-        sizes = tuple(rng.randint(low, 4) for _ in range(world_size))
+        sizes = [rng.randint(1, 4) for _ in range(world_size)]
+        small = len(cases) // world_size % 2  # 0 or 1 samples on rank len(cases) mod W
+        sizes[len(cases) % world_size] = max(small, low)
+        sizes = tuple(sizes)
         if sum(sizes) < 2:
             continue
         pack = rng.random() < 0.6
@@ -54,7 +59,7 @@ def check_case(spec: Spec, per_rank: list[dict]) -> None:
     drawn = describe(int(spec.model.split(":")[1]))
     n = drawn.batchnorms
     packed = dict(spec.options)["pack_collectives"]
-    per_direction = len(drawn.blocks) if packed else n  # a block's branches share one level
+    per_direction = drawn.levels if packed else n  # a block's branches share levels
     assert_same_collectives(per_rank)
     assert_matches_reference(per_rank, spec, TOL)
     assert_counts(per_rank, sites=n, synced=n, forward=per_direction, backward=per_direction,
