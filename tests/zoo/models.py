@@ -125,6 +125,49 @@ def _freeze_batchnorm(module: nn.Module, frozen_cls) -> None:
             _freeze_batchnorm(child, frozen_cls)
 
 
+def regnet_x_400mf(): return _tv("regnet_x_400mf")
+def mnasnet0_5(): return _tv("mnasnet0_5")
+
+
+class UNet(nn.Module):
+    """A U-Net on a ResNet-18 encoder (segmentation_models_pytorch's ``Unet("resnet18")`` shape,
+    written here): the encoder's five resolutions, a decoder that upsamples and concatenates each
+    skip connection, Conv-BN-ReLU twice per stage, a per-pixel head of ``classes`` logits."""
+
+    def __init__(self, classes: int = 3):
+        super().__init__()
+        import torchvision.models as models
+
+        enc = models.resnet18(weights=None)
+        self.stem = nn.Sequential(enc.conv1, enc.bn1, enc.relu)  # /2, 64
+        self.pool = enc.maxpool
+        self.layers = nn.ModuleList([enc.layer1, enc.layer2, enc.layer3, enc.layer4])  # /4 ... /32
+        skips, ins = [256, 128, 64, 64, 0], [512, 256, 128, 64, 32]
+        outs = [256, 128, 64, 32, 16]
+        self.decoder = nn.ModuleList(
+            nn.Sequential(_conv_bn_relu(i + s, o), _conv_bn_relu(o, o)) for i, s, o in zip(ins, skips, outs))
+        self.head = nn.Conv2d(16, classes, 3, padding=1)
+
+    def forward(self, x):
+        skips = [self.stem(x)]
+        h = self.pool(skips[0])
+        for layer in self.layers:
+            h = layer(h)
+            skips.append(h)
+        skips = skips[-2::-1] + [None]  # /16, /8, /4, /2, then the full resolution without a skip
+        for block, skip in zip(self.decoder, skips):
+            h = nn.functional.interpolate(h, scale_factor=2.0, mode="nearest")
+            h = block(h if skip is None else torch.cat([h, skip], 1))
+        return self.head(h)
+
+
+def _conv_bn_relu(cin: int, cout: int) -> nn.Module:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+def unet_resnet18(): return UNet()
+
+
 def timm_efficientnet_b0(): return _timm("efficientnet_b0")
 def timm_ghostnet_100(): return _timm("ghostnet_100")
 def timm_rexnet_100(): return _timm("rexnet_100")
@@ -132,27 +175,31 @@ def timm_dla34(): return _timm("dla34")
 def timm_mobilenetv3_small_050(): return _timm("mobilenetv3_small_050")
 def timm_resnet10t(): return _timm("resnet10t")
 def timm_ese_vovnet19b_dw(): return _timm("ese_vovnet19b_dw")
+def timm_hrnet_w18_small(): return _timm("hrnet_w18_small")
 
 
-_IMG = (3, 32, 32)
+_IMG = (3, 64, 64)  # the last stage of a /32 network at 2x2: see tests/zoo/parity.py
 ZOO = [
     ZooModel("resnet18", "torchvision", resnet18, _IMG),
     ZooModel("resnet50", "torchvision", resnet50, _IMG),
     ZooModel("resnext50_32x4d", "torchvision", resnext50_32x4d, _IMG),
     ZooModel("wide_resnet50_2", "torchvision", wide_resnet50_2, _IMG),
-    ZooModel("mobilenet_v2", "torchvision", mobilenet_v2, _IMG),
+    ZooModel("mobilenet_v2", "torchvision", mobilenet_v2, (3, 80, 80), "80x80: see tests/zoo/parity.py"),
     ZooModel("mobilenet_v3_small", "torchvision", mobilenet_v3_small, _IMG),
     ZooModel("efficientnet_b0", "torchvision", efficientnet_b0, _IMG),
     ZooModel("densenet121", "torchvision", densenet121, _IMG),
     ZooModel("shufflenet_v2_x0_5", "torchvision", shufflenet_v2_x0_5, _IMG),
     ZooModel("googlenet", "torchvision", googlenet, _IMG, "aux_logits=False"),
-    ZooModel("inception_v3", "torchvision", inception_v3, (3, 75, 75), "aux_logits=False; 75x75 is its minimum"),
+    ZooModel("inception_v3", "torchvision", inception_v3, (3, 107, 107), "aux_logits=False; Mixed_7 at 2x2"),
     ZooModel("vgg11_bn", "torchvision", vgg11_bn, _IMG),
     ZooModel("convnext_tiny", "torchvision", convnext_tiny, _IMG, "LayerNorm: no BatchNorm"),
-    ZooModel("vit_b_16", "torchvision", vit_b_16, _IMG, "image_size=32; LayerNorm: no BatchNorm"),
+    ZooModel("vit_b_16", "torchvision", vit_b_16, (3, 32, 32), "image_size=32; LayerNorm: no BatchNorm"),
     ZooModel("r3d_18", "torchvision", r3d_18, (3, 4, 32, 32), "BatchNorm3d"),
     ZooModel("deeplabv3_mobilenet_v3_large", "torchvision", deeplabv3_mobilenet_v3_large, _IMG,
              "num_classes=4; the 'out' tensor"),
+    ZooModel("regnet_x_400mf", "torchvision", regnet_x_400mf, _IMG),
+    ZooModel("mnasnet0_5", "torchvision", mnasnet0_5, _IMG),
+    ZooModel("unet_resnet18", "test", unet_resnet18, _IMG, "U-Net on a ResNet-18 encoder; per-pixel logits"),
     ZooModel("fasterrcnn_mobilenet_v3_large_320_fpn", "torchvision", fasterrcnn_mobilenet_v3_large_320_fpn,
              (3, 64, 64), "training losses, one box per image; backbone FrozenBatchNorm2d"),
     ZooModel("timm/efficientnet_b0", "timm", timm_efficientnet_b0, _IMG, "BatchNormAct2d"),
@@ -162,5 +209,7 @@ ZOO = [
     ZooModel("timm/mobilenetv3_small_050", "timm", timm_mobilenetv3_small_050, _IMG, "BatchNormAct2d"),
     ZooModel("timm/resnet10t", "timm", timm_resnet10t, _IMG),
     ZooModel("timm/ese_vovnet19b_dw", "timm", timm_ese_vovnet19b_dw, _IMG, "BatchNormAct2d"),
+    ZooModel("timm/hrnet_w18_small", "timm", timm_hrnet_w18_small, _IMG,
+             "parallel resolutions fused by upsample + add"),
 ]
 BY_NAME = {m.name: m for m in ZOO}
