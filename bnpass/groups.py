@@ -37,7 +37,7 @@ from typing import Optional
 import torch.distributed as dist
 
 from .errors import BNPassError
-from .meet import Deadlock, post_and_wait
+from . import meet
 
 __all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe", "stand_in",
            "make_stand_in", "stand_in_names"]
@@ -191,32 +191,46 @@ def _make(chunks: list[list[int]], ranks: list[int], parent: dist.ProcessGroup, 
 def _meet(ranks: list[int], parent: dist.ProcessGroup, timeout_s: float, what: str,
           timeout_name: str) -> None:
     """Wait until every rank of ``ranks`` has come here having made as many process groups as this
-    one (torch names a new group by that count), or raise naming the ones that did not.
-
-    Keys carry that count, so a group made again later (after a destroy) meets afresh."""
-    rank, count = dist.get_rank(), dist.get_pg_count()
-    prefix = f"{_PREFIX}/{parent.group_name}/{'_'.join(map(str, ranks))}"
-    try:
-        if post_and_wait(prefix, str(count), str(count), ranks, timeout_s):
-            return
-    except Deadlock:
-        pass  # a rank came with another count: said below
+    one (torch names a new group by that count), or raise naming the ones that did not."""
     store = dist.distributed_c10d._get_default_store()
+    meet_to_make(store, dist.get_rank(), ranks, f"{parent.group_name}", dist.get_pg_count(), timeout_s,
+                 what, timeout_name)
+
+
+def meet_to_make(store, rank: int, ranks: list[int], parent: str, count: int, timeout_s: float,
+                 what: str, timeout_name: str = "agree_timeout_s") -> None:
+    """The meeting before making a group of ``ranks`` (of the group named ``parent``), through
+    ``store`` as ``rank`` having made ``count`` process groups (``_meet``; the benchmark's and the
+    tests' simulated ranks call it directly): about six store requests per rank, whatever the number
+    of ranks; the ranks' meetings for the same ranks are numbered in the order each comes to them,
+    so a group made again (after a destroy) meets afresh."""
+    place = meet.next_meeting(store, f"{_PREFIX}/{parent}/{meet.ranks_key(ranks)}", rank)
+    verdict = meet.meet(store, place, rank, str(count), ranks, timeout_s)
+    if verdict.ok:
+        return
     problems = []
-    for r in ranks:
-        if r == rank or store.check([f"{prefix}/{count}/{r}"]):
+    for theirs, came in verdict.groups():
+        others = [r for r in came if r != rank]
+        if theirs == str(count) or not others:
             continue
-        if store.check([f"{prefix}/latest/{r}"]):
+        for r in others[:3]:
             problems.append(
-                f"rank {r} came having made {store.get(f'{prefix}/latest/{r}').decode()} process "
-                f"group(s) before, this rank ({rank}) {count}: torch would name the new group "
-                f"differently on each. Make the same process groups on every rank before this one, "
-                f"e.g. call bnpass.create_syncbn_process_group right after init_process_group")
-        else:
-            problems.append(
-                f"rank {r} did not come within {timeout_name}={timeout_s:g} s (dead, failed before "
-                f"compiling, slower by more than that, or not running this code). Fix that rank, or "
-                f"raise {timeout_name} if it is only slow")
+                f"rank {r} came having made {theirs} process group(s) before, this rank ({rank}) "
+                f"{count}: torch would name the new group differently on each")
+        if len(others) > 3:
+            problems.append(f"so did ranks {meet.ranks_text(others[3:])}")
+    if len(problems) > 0:
+        problems[-1] += (". Make the same process groups on every rank before this one, e.g. call "
+                         "bnpass.create_syncbn_process_group right after init_process_group")
+    missing = [r for r in verdict.missing if r != rank]
+    if missing:
+        problems.append(
+            f"{'rank' if len(missing) == 1 else 'ranks'} {meet.ranks_text(missing)} did not come within "
+            f"{timeout_name}={timeout_s:g} s (dead, failed before compiling, slower by more than that, "
+            f"or not running this code). Fix that rank, or raise {timeout_name} if it is only slow")
+    if rank in verdict.missing:
+        problems.append(f"rank {verdict.by} gave up waiting for this rank ({timeout_name}="
+                        f"{timeout_s:g} s) before it came")
     raise BNPassError(f"bnpass: could not make {what} to share BatchNorm statistics; nothing was "
                       f"reduced. " + "; ".join(problems) + ".")
 

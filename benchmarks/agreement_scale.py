@@ -1,0 +1,171 @@
+"""What the ranks' meetings through the store cost at scale, by simulation: bnpass's agreement
+(bnpass/agree.py ``agree_among``) and group making (bnpass/groups.py ``meet_to_make``) for W
+simulated ranks, a thread each with its own client of one TCPStore (no model, no process group),
+arriving spread uniformly over S seconds.
+
+    python benchmarks/agreement_scale.py                  # W = 8, 64, 256, 1024; spreads 0 and 30 s
+    python benchmarks/agreement_scale.py --ranks 64 --spreads 0 --write
+
+Per run: store requests per rank (mean / max, counted by a proxy around each rank's client), all
+requests, the time from the last arrival until every rank knows the outcome (returned, or raised),
+whether every rank agreed (or, with one rank divergent, raised), and the longest error message.
+``--write`` appends the table to benchmarks/RESULTS.md under the command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import resource
+import threading
+import time
+from typing import Optional
+
+from torch.distributed import TCPStore
+
+from bnpass.agree import agree_among
+from bnpass.errors import BNPassError
+from bnpass.groups import meet_to_make
+
+RESNET_CHANNELS = [64] * 5 + [128] * 5 + [256] * 5 + [512] * 5  # 20 BatchNorms, a collective each
+
+
+class CountingStore:
+    """A store that counts the requests made through it (every method call is one request: ``add``,
+    ``append``, ``compare_set``, ``wait(keys)`` and ``check(keys)`` are each one on a TCPStore)."""
+
+    def __init__(self, store):
+        self._store = store
+        self.requests = 0
+
+    def __getattr__(self, name):
+        method = getattr(self._store, name)
+
+        def counted(*args, **kwargs):
+            self.requests += 1
+            return method(*args, **kwargs)
+
+        return counted
+
+
+def entries(odd: bool = False) -> list:
+    """A resnet18-like forward sequence (bnpass/agree.py ``_entries``); ``odd``: collective 7
+    reduces two channels more (a rank with another model)."""
+    out = []
+    for i, c in enumerate(RESNET_CHANNELS):
+        c += 2 if odd and i == 7 else 0
+        out.append(["sum", 2 * c + 1, "float32", "0", "process_group", [[f"bn{i}", "batch_norm", c, "float32"]]])
+    return out
+
+
+def _agreement(store, rank: int, world: int, odd: bool, timeout_s: float) -> None:
+    agree_among(store, rank, list(range(world)), entries(odd), timeout_s,
+                f"{len(RESNET_CHANNELS)} BatchNorm2d: sync", "pack_collectives=True", "forward")
+
+
+def _group_making(store, rank: int, world: int, odd: bool, timeout_s: float) -> None:
+    meet_to_make(store, rank, list(range(world)), "0", 4 + odd, timeout_s,
+                 f"the groups of {world // 8} consecutive ranks")
+
+
+PROTOCOLS = {"agreement": _agreement, "group making": _group_making}
+
+
+def open_ulimit(world: int) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = min(hard, max(soft, 2 * world + 256))
+    if want > soft:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def simulate(protocol: str, world: int, spread_s: float, odd_rank: Optional[int] = None,
+             absent_rank: Optional[int] = None, timeout_s: float = 120.0, seed: int = 0,
+             repeat: int = 1) -> dict:
+    """Run ``protocol`` for ``world`` simulated ranks on a fresh TCPStore; ``odd_rank`` comes with
+    another sequence (or process-group count), ``absent_rank`` never comes. ``repeat``: each rank
+    runs the protocol that many times in a row (a graph's agreement, then its recompiles). Per
+    rank: requests, when it arrived and knew, its error."""
+    open_ulimit(world)
+    server = TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s + 60),
+                      wait_for_workers=False)
+    clients = [CountingStore(TCPStore("127.0.0.1", server.port, None, False,
+                                      timeout=datetime.timedelta(seconds=timeout_s + 60)))
+               for _ in range(world)]
+    rng = random.Random(seed)
+    arrive_at = [rng.uniform(0, spread_s) for _ in range(world)]
+    run = PROTOCOLS[protocol]
+    arrived, known, errors = [None] * world, [None] * world, [None] * world
+    t0 = time.monotonic() + 0.5
+
+    def rank_main(rank: int) -> None:
+        time.sleep(max(0.0, t0 + arrive_at[rank] - time.monotonic()))
+        arrived[rank] = time.monotonic()
+        try:
+            for _ in range(repeat):
+                run(clients[rank], rank, world, rank == odd_rank, timeout_s)
+        except BNPassError as e:
+            errors[rank] = str(e)
+        known[rank] = time.monotonic()
+
+    threads = [threading.Thread(target=rank_main, args=(r,), daemon=True)
+               for r in range(world) if r != absent_rank]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + spread_s + 120)
+    came = [r for r in range(world) if r != absent_rank]
+    requests = [clients[r].requests for r in came]
+    last = max(arrived[r] for r in came)
+    return {"protocol": protocol, "world": world, "spread_s": spread_s, "odd_rank": odd_rank,
+            "absent_rank": absent_rank, "requests": requests, "all_requests": sum(requests),
+            "knows_s": max(known[r] for r in came) - last, "errors": [errors[r] for r in came],
+            "unfinished": sum(known[r] is None for r in came), "first_arrival": min(arrived[r] for r in came) - t0,
+            "last_arrival": last - t0}
+
+
+def row(result: dict) -> str:
+    req = result["requests"]
+    errors = [e for e in result["errors"] if e is not None]
+    case = "one rank divergent" if result["odd_rank"] is not None else "all agree"
+    outcome = (f"all {len(req)} raised" if len(errors) == len(req) else
+               f"all {len(req)} agreed" if not errors else f"{len(errors)} of {len(req)} raised")
+    longest = max((len(e) for e in errors), default=0)
+    return (f"| {result['protocol']} | {result['world']} | {result['spread_s']:g} | {case} | "
+            f"{sum(req) / len(req):.1f} / {max(req)} | {result['all_requests']:,} | "
+            f"{result['knows_s'] * 1e3:.0f} ms | {outcome} | {longest or '-'} |")
+
+
+HEADER = ["| protocol | W | spread (s) | case | requests per rank (mean / max) | all requests | "
+          "last arrival → every rank knows | outcome | longest message (chars) |",
+          "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[8, 64, 256, 1024])
+    parser.add_argument("--spreads", type=float, nargs="+", default=[0.0, 30.0])
+    parser.add_argument("--protocols", nargs="+", default=list(PROTOCOLS), choices=list(PROTOCOLS))
+    parser.add_argument("--write", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    args = parser.parse_args()
+    lines = list(HEADER)
+    print("\n".join(lines), flush=True)
+    for protocol in args.protocols:
+        for world in args.ranks:
+            for spread in args.spreads:
+                for odd in (None, world // 2 + 1):
+                    result = simulate(protocol, world, spread, odd_rank=odd, seed=world)
+                    lines.append(row(result))
+                    print(lines[-1], flush=True)
+    if args.write:
+        from results_file import append_results
+
+        cpus = len(os.sched_getaffinity(0))
+        append_results(os.path.join(os.path.dirname(__file__), "RESULTS.md"), "agreement_scale.py",
+                       [f"{cpus} CPU(s), one TCPStore server and a thread per simulated rank in one "
+                        "process.", ""] + lines)
+
+
+if __name__ == "__main__":
+    main()
