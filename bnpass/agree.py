@@ -147,9 +147,9 @@ def agree_among(store, rank: int, members: list[int], entries: list, timeout_s: 
                 options: str = "", direction: str = "forward") -> None:
     """The agreement itself, through ``store`` as ``rank`` (``agree`` passes the default group's;
     benchmarks/agreement_scale.py and the tests, simulated ranks'): return once every rank of
-    ``members`` came with the same ``entries``, or raise a BNPassError. At most 11 store requests
-    on the way to an agreement, whatever the number of ranks (a recompile: 2), up to 8 more for the
-    diagnosis of a failed one.
+    ``members`` came with the same ``entries``, or raise a BNPassError. At most 9 store requests on
+    the way to an agreement, whatever the number of ranks and however long it waits (a recompile:
+    2); a failed one, its diagnosis included, at most 20.
 
     Each distinct sequence is counted (``digest/<d>``); the first ``len(members)`` ranks that come
     with it meet at this rank's next graph meeting (bnpass/meet.py), where ranks running the same

@@ -101,12 +101,16 @@ def who(ranks: list[int]) -> str:
     return f"rank {first}" + (f" (and {len(rest)} more alike: {ranks_text(rest)})" if rest else "")
 
 
+def _escape(token: str) -> str:  # a token may hold any text (a host name, an error message)
+    return token.replace("%", "%25").replace(";", "%3B")
+
+
 def _parse_arrivals(text: str) -> dict[int, str]:
     came = {}
     for item in text.split(";"):
         if item:
             rank, _, token = item.partition("=")
-            came[int(rank)] = token
+            came[int(rank)] = token.replace("%3B", ";").replace("%25", "%")
     return came
 
 
@@ -120,7 +124,9 @@ def _parse_aside(text: str) -> list[int]:
 
 def _publish(store, place: str, rank: int, ranks: list[int], aside: Optional[str], aside_count: int,
              timed_out: bool) -> Verdict:
-    """Decide the meeting from its arrivals (and who stands aside); the first claim wins."""
+    """Decide the meeting from its arrivals (and who stands aside); the first claim wins. The
+    winner then ``set``s the verdict: a ``compare_set`` wakes no ``wait`` on a TCPStore (torch 2.14,
+    tried), a ``set`` does."""
     came = _parse_arrivals(store.get(f"{place}/arrivals").decode())
     away = _parse_aside(store.get(f"{aside}/log").decode()) if aside is not None and aside_count > 0 else []
     tokens: dict[str, list[int]] = {}
@@ -144,7 +150,7 @@ def arrive(store, place: str, rank: int, token: str, ranks: list[int],
 
 def _arrive(store, place: str, rank: int, token: str, ranks: list[int],
             aside: Optional[str]) -> tuple[int, Optional[Verdict]]:
-    store.append(f"{place}/arrivals", f"{rank}={token};")
+    store.append(f"{place}/arrivals", f"{rank}={_escape(token)};")
     count = int(store.add(f"{place}/count", 1))
     away = int(store.add(f"{aside}/count", 0)) if aside is not None and count < len(ranks) else 0
     if count + away >= len(ranks):
@@ -195,7 +201,7 @@ def stand_aside(store, aside: str, rank: int, place: str, ranks: list[int]) -> O
     """This rank comes to no meeting of the series whose ``aside`` prefix this is until
     ``step_back_in``: a meeting whose other ranks all came is decided at once, naming it. ``place``:
     the meeting this rank would come to next (``peek_meeting``), decided here if its other ranks are
-    already there. Four requests (six if it decides)."""
+    already there. Three requests (seven if it decides)."""
     store.append(f"{aside}/log", f"+{rank};")
     away = int(store.add(f"{aside}/count", 1))
     count = int(store.add(f"{place}/count", 0))
