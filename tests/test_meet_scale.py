@@ -69,10 +69,12 @@ def test_a_divergent_rank_is_named_on_every_rank_at_once():
 
 
 def test_a_missing_rank_is_named_at_the_deadline():
-    """Rank 7 of 64 never comes: every other rank raises at agree_timeout_s (2 s), naming it."""
+    """Rank 7 of 64 never comes: every other rank raises at agree_timeout_s (2 s), naming it. The
+    first rank to come keeps the time: the others learn it from its verdict, not from their own
+    deadlines (5 s later, bnpass/meet.py)."""
     result = simulate("agreement", W, 0.0, absent_rank=7, timeout_s=2.0)
     errors = _assert_all_raised(result)
-    assert 1.5 < result["knows_s"] < 4.0, result["knows_s"]
+    assert 1.5 < result["knows_s"] < 6.0, result["knows_s"]
     assert max(result["requests"]) <= MOST_FAILED, result["requests"]
     for error in errors:
         assert "rank 7 has not run a bnpass-compiled graph within 2 s" in error, error
