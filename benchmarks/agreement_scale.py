@@ -23,7 +23,7 @@ import threading
 import time
 from typing import Optional
 
-from torch.distributed import TCPStore
+from torch.distributed import PrefixStore, TCPStore
 
 from bnpass.agree import agree_among
 from bnpass.errors import BNPassError
@@ -80,30 +80,42 @@ def open_ulimit(world: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def connect(port: int, world: int, timeout_s: float) -> list[CountingStore]:
-    """``world`` counted clients of the TCPStore at ``port``, connected 64 at a time: on this
-    machine about one connection in seven to a libuv TCPStore server takes 5 s (torch 2.14)."""
+_SHARED: dict = {"server": None, "clients": [], "runs": 0}  # one server and its clients, for every run
+
+
+def stores(world: int, timeout_s: float = 600.0) -> list[CountingStore]:
+    """``world`` counted stores, each a client of this process's TCPStore server under a key prefix
+    of its own run (a fresh meeting space): the clients are made once and kept, connected 64 at a
+    time, because about one connection in seven to a libuv TCPStore server takes 5 s here (torch
+    2.14), which would otherwise dominate a run's set-up."""
     from concurrent.futures import ThreadPoolExecutor
 
-    def one(_):
-        return CountingStore(TCPStore("127.0.0.1", port, None, False,
-                                      timeout=datetime.timedelta(seconds=timeout_s)))
+    if _SHARED["server"] is None:
+        _SHARED["server"] = TCPStore("127.0.0.1", 0, None, True, wait_for_workers=False,
+                                     timeout=datetime.timedelta(seconds=timeout_s))
+    port, clients = _SHARED["server"].port, _SHARED["clients"]
+    open_ulimit(world)
 
-    with ThreadPoolExecutor(64) as pool:
-        return list(pool.map(one, range(world)))
+    def one(_):
+        return TCPStore("127.0.0.1", port, None, False, timeout=datetime.timedelta(seconds=timeout_s))
+
+    if len(clients) < world:
+        with ThreadPoolExecutor(64) as pool:
+            clients.extend(pool.map(one, range(world - len(clients))))
+    _SHARED["runs"] += 1
+    prefix = f"run{_SHARED['runs']}"
+    return [CountingStore(PrefixStore(prefix, c)) for c in clients[:world]]
 
 
 def simulate(protocol: str, world: int, spread_s: float, odd_rank: Optional[int] = None,
              absent_rank: Optional[int] = None, timeout_s: float = 120.0, seed: int = 0,
              repeat: int = 1) -> dict:
-    """Run ``protocol`` for ``world`` simulated ranks on a fresh TCPStore; ``odd_rank`` comes with
+    """Run ``protocol`` for ``world`` simulated ranks on a fresh key space of one TCPStore (``stores``);
+    ``odd_rank`` comes with
     another sequence (or process-group count), ``absent_rank`` never comes. ``repeat``: each rank
     runs the protocol that many times in a row (a graph's agreement, then its recompiles). Per
     rank: requests, when it arrived and knew, its error."""
-    open_ulimit(world)
-    server = TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=timeout_s + 60),
-                      wait_for_workers=False)
-    clients = connect(server.port, world, timeout_s + 60)
+    clients = stores(world)
     rng = random.Random(seed)
     arrive_at = [rng.uniform(0, spread_s) for _ in range(world)]
     run = PROTOCOLS[protocol]

@@ -8,13 +8,11 @@ protocol that read one key per rank would pay at least 64 requests on each.
 
 from __future__ import annotations
 
-import datetime
 import threading
 
 import pytest
-from torch.distributed import TCPStore
 
-from benchmarks.agreement_scale import CountingStore, simulate
+from benchmarks.agreement_scale import simulate, stores
 from bnpass import meet
 
 W = 64
@@ -101,35 +99,34 @@ def test_a_rank_standing_aside_decides_the_meeting_at_once():
     """DDP's Join: rank 5 stood aside (bnpass/agree.py ``stand_aside``); the other 63 come to a new
     meeting of the series, which is decided as the last of them comes, naming rank 5. Whether it
     stands aside before or after they come; and after it steps back in, a meeting waits for it."""
-    server = TCPStore("127.0.0.1", 0, None, True, timeout=datetime.timedelta(seconds=30),
-                      wait_for_workers=False)
     ranks = list(range(W))
+    each = stores(W)
     for order, place in (("before", "a/0"), ("after", "a/1")):
-        stores = [CountingStore(TCPStore("127.0.0.1", server.port, None, False)) for _ in ranks]
+        for s in each:
+            s.requests = 0
         verdicts = [None] * W
 
         def come(rank: int) -> None:
-            verdicts[rank] = meet.meet(stores[rank], place, rank, "d", ranks, 30.0, aside="a/aside")
+            verdicts[rank] = meet.meet(each[rank], place, rank, "d", ranks, 30.0, aside="a/aside")
 
         if order == "before":
-            assert meet.stand_aside(stores[5], "a/aside", 5, place, ranks) is None
+            assert meet.stand_aside(each[5], "a/aside", 5, place, ranks) is None
         threads = [threading.Thread(target=come, args=(r,)) for r in ranks if r != 5]
         for t in threads:
             t.start()
         if order == "after":
-            while int(server.add(f"{place}/count", 0)) < W - 1:
+            while int(each[5]._store.add(f"{place}/count", 0)) < W - 1:
                 threading.Event().wait(0.01)
-            assert meet.stand_aside(stores[5], "a/aside", 5, place, ranks).aside == [5]
+            assert meet.stand_aside(each[5], "a/aside", 5, place, ranks).aside == [5]
         for t in threads:
             t.join(30)
         for r in ranks:
             if r != 5:
                 assert not verdicts[r].ok and verdicts[r].aside == [5] and verdicts[r].missing == [], verdicts[r]
-        assert max(s.requests for s in stores) <= MOST
-        meet.step_back_in(stores[5], "a/aside", 5)
+        assert max(s.requests for s in each) <= MOST
+        meet.step_back_in(each[5], "a/aside", 5)
     # back in: a meeting of the other ranks alone is not decided without it (deadline 0.5 s)
-    stores = [TCPStore("127.0.0.1", server.port, None, False) for _ in range(2)]
-    verdict = meet.meet(stores[0], "a/2", 0, "d", [0, 5], 0.5, aside="a/aside")
+    verdict = meet.meet(each[0], "a/2", 0, "d", [0, 5], 0.5, aside="a/aside")
     assert verdict.missing == [5] and verdict.aside == [] and verdict.timed_out, verdict
 
 
@@ -140,3 +137,45 @@ def test_ranks_text_is_short_at_any_world_size():
     assert meet.who([4, 5, 6, 9]) == "rank 4 (and 3 more alike: 5-6, 9)"
     assert meet.ranks_key(list(range(1024))) == meet.ranks_key(list(reversed(range(1024))))
     assert len(meet.ranks_key(list(range(1024)))) < 24
+
+
+def _hosts_of_each(hosts: list[str], timeout_s: float = 30.0) -> tuple[list, list[int]]:
+    """bnpass/nodes.py ``hosts_of`` for ranks on ``hosts`` (rank r on hosts[r]), a thread each:
+    each rank's host map (or error) and requests."""
+    from bnpass.errors import BNPassError
+    from bnpass.nodes import hosts_of
+
+    ranks = list(range(len(hosts)))
+    each = stores(len(ranks))
+    out = [None] * len(ranks)
+
+    def come(rank: int) -> None:
+        try:
+            out[rank] = hosts_of(each[rank], rank, ranks, "0", hosts[rank], timeout_s)
+        except BNPassError as e:
+            out[rank] = str(e)
+
+    threads = [threading.Thread(target=come, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout_s + 30)
+    return out, [s.requests for s in each]
+
+
+def test_the_host_map_for_group_size_node_costs_a_constant():
+    """64 ranks on 8 hosts (rank r on host r % 8): every rank gets the same map of hosts to ranks in
+    at most 6 requests. 16 ranks on one host and 8 on six others: an error on every rank naming the
+    hosts and their counts, grouped."""
+    hosts = [f"node{r % 8}" for r in range(W)]
+    maps, requests = _hosts_of_each(hosts)
+    assert all(m == {f"node{h}": list(range(h, W, 8)) for h in range(8)} for m in maps), maps[0]
+    assert max(requests) <= 6, requests
+    uneven = [f"node{min(r // 8, 6)}" for r in range(W)]  # node6 has 16 ranks, the others 8
+    errors, requests = _hosts_of_each(uneven)
+    for e in errors:
+        assert e.startswith("bnpass: option group_size='node' needs the same number of ranks on every "
+                            "host"), e
+        assert "here 16 rank(s) on 1 host(s) (node6); 8 rank(s) on 6 host(s) (node0, node1, node2, " \
+               "node3 and 2 more)" in e, e
+    assert max(requests) <= 6, requests
