@@ -1,7 +1,8 @@
 """Ranks meet through the store with a deadline, in a few store requests each, whatever their number.
 
 Used where ranks must have reached the same point before they may communicate (``agree.py``: the
-same collectives; ``groups.py``: making a subgroup; ``join.py``: a Join's first step). A *meeting*
+same collectives; ``groups.py``: making a subgroup; ``nodes.py``: which ranks share a host;
+``join.py``: a Join's first step; transport/channel.py: where a group's ranks run). A *meeting*
 is a key prefix, its *place*, that every rank of ``ranks`` comes to once, with a *token* (what it
 brings: a digest of its collectives, its process-group count, ...). Keys under the place:
 
@@ -16,6 +17,9 @@ So a rank pays about five requests whatever the world size and however long it w
 polling one key per rank. A rank whose wait reaches the deadline publishes the verdict itself from
 the arrivals so far (the ranks that did not come are ``missing``); the first claim wins, so a rank
 that comes later reads that verdict too and no rank goes on alone.
+
+A *series* of meetings (``next_meeting``) numbers them per rank, in the store: ranks that go
+through the same steps meet at the same places without agreeing on a name first.
 
 *Standing aside* (``aside``, an optional second prefix; ``agree.py`` for DDP's Join): ranks that will
 come to no meeting of a series for a while are appended to ``<aside>/log`` and counted in
