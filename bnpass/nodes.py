@@ -1,7 +1,7 @@
 """The ranks of each host, for ``options={"group_size": "node"}``: statistics per node.
 
 The ranks of a process group meet once through the store (bnpass/meet.py), each bringing the name
-of its host as the same-host transport compares them (bnpass/transport/channel.py ``host_name``:
+of its host as the same-host transport compares them (``host_name``, which the transport uses:
 ``BNPASS_TRANSPORT_HOST`` where set, else the host name); the meeting's verdict, which groups the
 ranks by what they brought, is the map of hosts to ranks: a few store requests per rank, whatever
 the number of ranks and hosts. Every host must run the same number of ranks (the statistics of each
@@ -12,6 +12,8 @@ their counts. Found once per process and group, and kept: a recompile on one ran
 from __future__ import annotations
 
 import contextlib
+import os
+import socket
 from typing import Optional
 
 import torch.distributed as dist
@@ -19,11 +21,18 @@ import torch.distributed as dist
 from . import meet
 from .errors import BNPassError
 
-__all__ = ["node_ranks", "hosts_of", "simulated_hosts"]
+__all__ = ["node_ranks", "hosts_of", "simulated_hosts", "host_name"]
 
 _PREFIX = "bnpass/nodes"
 _FOUND: dict[str, tuple] = {}  # parent group name -> (parent group, this rank's host's ranks)
 _SIMULATED: list[Optional[int]] = [None]  # ranks per host in a fake world (simulated_hosts)
+
+
+def host_name() -> str:
+    """The host this rank runs on, as ranks are compared here and by the same-host transport
+    (bnpass/transport/channel.py): ``BNPASS_TRANSPORT_HOST`` if set (tests simulate several hosts),
+    else the host name."""
+    return os.environ.get("BNPASS_TRANSPORT_HOST") or socket.gethostname()
 
 
 def node_ranks(parent: dist.ProcessGroup, timeout_s: float) -> list[int]:
@@ -31,8 +40,6 @@ def node_ranks(parent: dist.ProcessGroup, timeout_s: float) -> list[int]:
     found = _FOUND.get(parent.group_name)
     if found is not None and found[0] is parent:
         return found[1]
-    from .transport.channel import host_name
-
     ranks = dist.get_process_group_ranks(parent)
     if dist.get_backend(parent) == "fake":  # `bnpass inspect`'s simulated world
         return _simulated(ranks)

@@ -26,7 +26,6 @@ import ctypes
 import json
 import os
 import secrets
-import socket
 import threading
 import time
 from pathlib import Path
@@ -36,10 +35,11 @@ import torch
 import torch.distributed as dist
 
 from .. import meet
+from ..nodes import host_name
 from ..options import BNPassError
 from . import native
 
-__all__ = ["Channel", "channel_for", "CAPACITY", "why_not", "host_name"]
+__all__ = ["Channel", "channel_for", "CAPACITY", "why_not"]
 
 CAPACITY = 1 << 20  # bytes per rank and buffer; a larger payload takes several rounds
 _PREFIX = "bnpass/transport"
@@ -47,13 +47,6 @@ _DTYPES = {torch.float32: 0, torch.float64: 1}
 _CHANNELS: dict[str, tuple[object, Optional["Channel"], str]] = {}  # group name -> (group, channel, why not)
 _SETUPS: dict[str, int] = {}  # group name -> setups made in this process (keys of a re-made group)
 _LOCK = threading.Lock()
-
-
-def host_name() -> str:
-    """The host this rank runs on, as ranks are compared here (and for ``group_size="node"``,
-    bnpass/nodes.py): ``BNPASS_TRANSPORT_HOST`` if set (tests simulate several hosts), else the
-    host name."""
-    return os.environ.get("BNPASS_TRANSPORT_HOST") or socket.gethostname()
 
 
 def _host() -> dict:
