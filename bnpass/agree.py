@@ -13,11 +13,13 @@ collective that differs and the sites it serves; nothing was reduced.
 
 * A graph that issues no collective (eval on one rank, FrozenBN-only or BN-free models, world size
   1) never waits: it posts what it compiled, for the others' diagnosis, and runs.
-* Ranks that wait on each other with different sequences learn it within a poll interval
-  (bnpass/meet.py); ``agree_timeout_s`` is only for a rank that never comes (dead, still compiling,
-  elsewhere in the program).
+* Ranks with different sequences learn it as soon as the last of them comes (bnpass/meet.py: the
+  graphs' meetings, in the order the ranks run them); ``agree_timeout_s`` is only for a rank that
+  never comes (dead, still compiling, elsewhere in the program), which is then named.
 
-This is a key-value exchange through the store (no collective), once per compiled graph, not per step.
+This is a key-value exchange through the store (no collective), once per compiled graph, not per
+step, of a few requests per rank whatever the number of ranks (``agree_among``); what a failed one
+prints groups the ranks by the sequence they hold, so it stays short at any number of ranks.
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from typing import Optional
-
 import torch.distributed as dist
 
-from .meet import Deadlock, hold, post, post_and_wait, release
-from .options import BNPassError
+from . import meet
+from .errors import BNPassError
 
-__all__ = ["AgreeFirst", "agree", "waits", "on_call", "stand_aside", "step_back_in"]
+__all__ = ["AgreeFirst", "agree", "agree_among", "waits", "on_call", "stand_aside", "step_back_in"]
 
 _PREFIX = "bnpass/agree"
 _WAITS: list[dict] = []  # this process's agreements: direction, collectives, seconds waited
@@ -51,21 +51,38 @@ def waits() -> list[dict]:
     return list(_WAITS)
 
 
-def stand_aside(reason: str, ranks: list[int], token: str) -> Optional[str]:
+def stand_aside(reason: str, ranks: list[int]) -> tuple:
     """This rank runs no new compiled graph for a while (a rank joined under DDP's Join,
     bnpass/join.py): a rank of ``ranks`` that waits to agree on a graph this rank never ran learns
     it at once, with ``reason``, instead of at its deadline. Returns what to hand ``step_back_in``."""
-    store = dist.distributed_c10d._get_default_store()
-    key = f"{_PREFIX}/latest/{dist.get_rank()}"
+    store, rank = _store(), dist.get_rank()
+    key = f"{_PREFIX}/latest/{rank}"
     before = store.get(key).decode() if store.check([key]) else None
-    hold(_PREFIX, token, json.dumps({"entries": [], "context": reason, "options": "",
-                                     "direction": "aside"}), ranks)
-    return before
+    store.set(key, json.dumps({"entries": [], "context": reason, "options": "", "direction": "aside"}))
+    series = _series(ranks)
+    meet.stand_aside(store, f"{series}/aside", rank, meet.peek_meeting(store, f"{series}/graph", rank),
+                     ranks)
+    return before, series
 
 
-def step_back_in(before: Optional[str]) -> None:
+def step_back_in(aside: tuple) -> None:
     """End ``stand_aside``."""
-    release(_PREFIX, before)
+    before, series = aside
+    store, rank = _store(), dist.get_rank()
+    meet.step_back_in(store, f"{series}/aside", rank)
+    if before is not None:
+        store.set(f"{_PREFIX}/latest/{rank}", before)
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
+
+
+def _series(members: list[int]) -> str:
+    """The keys of the agreements among ``members``: their graphs' meetings, in the order the ranks
+    first run them (``graph/<i>``), the digests seen (``digest/<d>``: how many ranks came with it;
+    ``seq/<d>``: what the first of them ran, for the others' diagnosis), who stands aside."""
+    return f"{_PREFIX}/{meet.ranks_key(members)}"
 
 
 def _entries(sequence: list[dict], sites: list) -> list[list]:
@@ -115,56 +132,120 @@ def agree(sequence: list[dict], sites: list, timeout_s: float, context: str, opt
     if dist.get_backend() == "fake" or dist.get_world_size() == 1:
         return  # `bnpass inspect`'s simulated world, or nobody to disagree with
     entries = _entries(sequence, sites)
-    rank = dist.get_rank()
+    start = time.monotonic()
+    log = {"direction": direction, "collectives": len(entries), "waited_s": 0.0, "agreed": False}
+    _WAITS.append(log)
+    try:
+        agree_among(_store(), dist.get_rank(), _members(entries), entries, timeout_s, context, options,
+                    direction)
+        log["agreed"] = True
+    finally:
+        log["waited_s"] = time.monotonic() - start
+
+
+def agree_among(store, rank: int, members: list[int], entries: list, timeout_s: float, context: str,
+                options: str = "", direction: str = "forward") -> None:
+    """The agreement itself, through ``store`` as ``rank`` (``agree`` passes the default group's;
+    benchmarks/agreement_scale.py and the tests, simulated ranks'): return once every rank of
+    ``members`` came with the same ``entries``, or raise a BNPassError. At most 9 store requests on
+    the way to an agreement, whatever the number of ranks and however long it waits (a recompile:
+    2); a failed one, its diagnosis included, at most 20.
+
+    Each distinct sequence is counted (``digest/<d>``); the first ``len(members)`` ranks that come
+    with it meet at this rank's next graph meeting (bnpass/meet.py), where ranks running the same
+    program arrive in the same order; a later one (a recompile for another batch size, an empty
+    local batch) finds the count full and goes on at once."""
+    start = time.monotonic()
     latest = json.dumps({"entries": entries, "context": context, "options": options,
                          "direction": direction})
-    members = _members(entries)
-    start = time.monotonic()
-    log = {"direction": direction, "collectives": len(entries), "waited_s": 0.0, "agreed": True}
-    _WAITS.append(log)
-    if len(members) <= 1:  # nothing to reduce (or only with itself): say what it ran, and run
-        post(_PREFIX, latest)
-        log["waited_s"] = time.monotonic() - start
+    store.set(f"{_PREFIX}/latest/{rank}", latest)  # what this rank last ran: the others' diagnosis
+    if len(members) <= 1:  # nothing to reduce (or only with itself): said what it ran; run
         return
+    series = _series(members)
     digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
-    deadlocked = None
-    try:
-        agreed = post_and_wait(_PREFIX, digest, latest, members, timeout_s)
-    except Deadlock as e:
-        agreed, deadlocked = False, e.rank
-    log.update(waited_s=time.monotonic() - start, agreed=agreed)
-    if agreed:
+    count = int(store.add(f"{series}/digest/{digest}", 1))
+    if count > len(members):
+        return  # every rank came with it before
+    if count == 1:
+        store.set(f"{series}/seq/{digest}", latest)
+    place = meet.next_meeting(store, f"{series}/graph", rank)
+    verdict = meet.meet(store, place, rank, digest, members, timeout_s, aside=f"{series}/aside")
+    if verdict.ok:
         return
-    store = dist.distributed_c10d._get_default_store()
-    problems = []
-    for m in members:
-        if m == rank or (m != deadlocked and store.check([f"{_PREFIX}/{digest}/{m}"])):
-            continue
-        if not store.check([f"{_PREFIX}/latest/{m}"]):
-            problems.append(f"rank {m} has not run a bnpass-compiled graph within {timeout_s:.0f} s "
-                            "(dead, still compiling, slower by more than that, or not running this "
-                            "code; raise agree_timeout_s if it is only slow)")
-            continue
-        theirs = json.loads(store.get(f"{_PREFIX}/latest/{m}"))
-        if theirs["direction"] == "aside":
-            problems.append(f"rank {m} {theirs['context']}")
-            continue
-        what = "is waiting to run" if m == deadlocked else "last ran"
-        if not theirs["entries"]:
-            problems.append(f"rank {m} {what} a {theirs['direction']} graph that issues no collective "
-                            f"({theirs['context']}) and did not come to this one within "
-                            f"{timeout_s:.0f} s")
-            continue
-        note = "" if theirs["options"] == options else \
-            f" (options here: {options}; there: {theirs['options']})"
-        problems.append(f"rank {m} {what} a {theirs['direction']} graph with other collectives{note}: "
-                        f"{_first_difference(entries, theirs['entries'])}; its sites: {theirs['context']}")
+    problems = _problems(store, series, rank, verdict, digest, entries, options, timeout_s)
     raise BNPassError(
         f"bnpass: ranks disagree on the collectives of a compiled {direction} graph (after "
         f"{time.monotonic() - start:.1f} s; nothing was reduced). This rank ({rank}) issues "
         f"{len(entries)} collective(s), the first: {_describe(entries[0])}; its sites: {context}; "
         + "; ".join(problems) + ". Every rank must run the same model in the same mode (train/eval) "
         "with the same input dtype and channels, and the same bnpass options.")
+
+
+_DESCRIBED = 2  # other sequences, and missing ranks, described in full; the rest are counted
+_LISTED = 4  # sequences listed with their ranks
+
+
+def _problems(store, series: str, rank: int, verdict: "meet.Verdict", digest: str, entries: list,
+              options: str, timeout_s: float) -> list[str]:
+    """What went wrong, short at any number of ranks: the ranks grouped by the sequence they hold,
+    the first difference from each of the two most common others, and who did not come."""
+    problems = []
+    groups = verdict.groups()
+    if len(groups) > 1:
+        mine = {digest: " (this rank's)"}
+        listed = ", ".join(f"{d}{mine.get(d, '')} by {meet.ranks_text(r)} ({len(r)} rank(s))"
+                           for d, r in groups[:_LISTED])
+        more = f" and {len(groups) - _LISTED} more" if len(groups) > _LISTED else ""
+        problems.append(f"the {sum(len(r) for _, r in groups)} ranks that came hold {len(groups)} "
+                        f"different sequences: {listed}{more}")
+    others = [(d, r) for d, r in groups if d != digest]
+    for d, ranks in others[:_DESCRIBED]:
+        theirs = json.loads(store.get(f"{series}/seq/{d}"))
+        note = "" if theirs["options"] == options else \
+            f" (options here: {options}; there: {theirs['options']})"
+        problems.append(f"{meet.who(ranks)} is waiting to run a {theirs['direction']} graph with other "
+                        f"collectives{note}: {_first_difference(entries, theirs['entries'])}; its "
+                        f"sites: {theirs['context']}")
+    if len(others) > _DESCRIBED:
+        rest = [r for _, ranks in others[_DESCRIBED:] for r in ranks]
+        problems.append(f"ranks {meet.ranks_text(rest)} wait with yet other sequences")
+    if verdict.aside:
+        reason = json.loads(store.get(f"{_PREFIX}/latest/{verdict.aside[0]}"))["context"]
+        problems.append(f"rank {verdict.aside[0]} {reason}")
+        if len(verdict.aside) > 1:
+            problems.append(f"{'so have ranks' if len(verdict.aside) > 2 else 'so has rank'} "
+                            f"{meet.ranks_text(verdict.aside[1:])}")
+    missing = [m for m in verdict.missing if m != rank]
+    for m in missing[:_DESCRIBED]:
+        problems.append(_missing(store, m, entries, options, timeout_s))
+    if len(missing) > _DESCRIBED:
+        problems.append(f"ranks {meet.ranks_text(missing[_DESCRIBED:])} did not come either")
+    if rank in verdict.missing:
+        problems.append(f"rank {verdict.by} gave up waiting for this rank (agree_timeout_s "
+                        f"{timeout_s:.0f} s) before it came")
+    return problems
+
+
+def _missing(store, m: int, entries: list, options: str, timeout_s: float) -> str:
+    """Why rank ``m`` did not come, from what it last ran (two requests)."""
+    key = f"{_PREFIX}/latest/{m}"
+    if not store.check([key]):
+        return (f"rank {m} has not run a bnpass-compiled graph within {timeout_s:.0f} s (dead, still "
+                "compiling, slower by more than that, or not running this code; raise agree_timeout_s "
+                "if it is only slow)")
+    theirs = json.loads(store.get(key))
+    if theirs["direction"] == "aside":
+        return f"rank {m} {theirs['context']}"
+    if not theirs["entries"]:
+        return (f"rank {m} last ran a {theirs['direction']} graph that issues no collective "
+                f"({theirs['context']}) and did not come to this one within {timeout_s:.0f} s")
+    note = "" if theirs["options"] == options else f" (options here: {options}; there: {theirs['options']})"
+    if theirs["entries"] == entries:
+        return f"rank {m} ran a graph with these collectives and did not come to this one within " \
+               f"{timeout_s:.0f} s"
+    return (f"rank {m} last ran a {theirs['direction']} graph with other collectives{note} and did not "
+            f"come to this one within {timeout_s:.0f} s: {_first_difference(entries, theirs['entries'])}; "
+            f"its sites: {theirs['context']}")
 
 
 class AgreeFirst:

@@ -1,4 +1,5 @@
-"""Subgroups: statistics over consecutive groups of k ranks (``options={"group_size": k}``).
+"""Subgroups: statistics over consecutive groups of k ranks (``options={"group_size": k}``), or over
+the ranks of each host (``group_size="node"``: the host map from bnpass/nodes.py, then as below).
 
 As apex's ``create_syncbn_process_group(group_size)``: the ranks of the default group are split
 into consecutive groups of ``k`` (ranks 0..k-1, k..2k-1, ...), and each BatchNorm reduces its
@@ -37,12 +38,14 @@ from typing import Optional
 import torch.distributed as dist
 
 from .errors import BNPassError
-from .meet import Deadlock, post_and_wait
+from . import meet
+from .nodes import node_ranks
 
-__all__ = ["create_syncbn_process_group", "group_of_size", "check_group_size", "describe", "stand_in",
+__all__ = ["create_syncbn_process_group", "group_of_size", "group_of_node", "NODE", "check_group_size", "describe", "stand_in",
            "make_stand_in", "stand_in_names"]
 
 _PREFIX = "bnpass/subgroup"
+NODE = "node"  # options={"group_size": "node"}: the ranks of each host (bnpass/nodes.py)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +60,7 @@ class _Made:
         return self.parent in made and self.group in made
 
 
-_MADE: dict[tuple[str, int], _Made] = {}  # (parent group name, k) -> this rank's subgroup
+_MADE: dict[tuple[str, int | str], _Made] = {}  # (parent group name, k or NODE) -> this rank's subgroup
 # group name -> the group of the same ranks that bnpass's collectives use instead (bnpass/join.py:
 # DDP's Join, whose joined ranks answer them beside DDP's own collectives on the first group).
 _STAND_INS: dict[str, dist.ProcessGroup] = {}
@@ -86,8 +89,14 @@ def stand_in_names() -> set[str]:
     return {g.group_name for g in _STAND_INS.values()}
 
 
-def check_group_size(value: object, what: str = "option group_size") -> int:
-    """``value`` if it is a positive int, else a BNPassError saying what is wrong and what to pass."""
+def check_group_size(value: object, what: str = "option group_size", node: bool = False) -> int | str:
+    """``value`` if it is a positive int (or, with ``node``, "node"), else a BNPassError saying what
+    is wrong and what to pass."""
+    if node and value == NODE:
+        return value
+    if node and isinstance(value, str):
+        raise BNPassError(f"{what} must be a positive int (the number of consecutive ranks that share "
+                          f"statistics) or 'node' (the ranks of each host), got str {value!r}")
     if isinstance(value, bool) or not isinstance(value, int):
         raise BNPassError(f"{what} must be a positive int (the number of consecutive ranks that "
                           f"share statistics), got {type(value).__name__} {value!r}")
@@ -120,17 +129,42 @@ def group_of_size(k: int, parent: dist.ProcessGroup, timeout_s: float) -> dist.P
     made = _reuse(parent, k)
     if made is not None:
         return made
-    device = dist.group.WORLD.bound_device_id
-    if device is not None:
-        raise BNPassError(
-            f"option group_size={k}: the default process group is bound to {device} "
-            f"(init_process_group(device_id=...)), so torch makes a subgroup by splitting its "
-            f"communicator, which every rank must join at the same point; bnpass cannot do that "
-            f"while compiling. Call bnpass.create_syncbn_process_group({k}) on every rank right "
-            f"after init_process_group: the option then uses the group it made.")
+    _refuse_bound_device(f"option group_size={k}", f"Call bnpass.create_syncbn_process_group({k}) on "
+                         "every rank right after init_process_group: the option then uses the group it made.")
     _meet(ranks, parent, timeout_s, f"the process group of ranks {ranks} (group_size={k})",
           "agree_timeout_s")
     return _make([ranks], ranks, parent, k, timeout_s, local=True)
+
+
+def group_of_node(parent: dist.ProcessGroup, timeout_s: float,
+                  force_sync: bool = False) -> Optional[dist.ProcessGroup]:
+    """``options={"group_size": "node"}``: the group of the ranks of ``parent`` on this rank's host
+    (bnpass/nodes.py: every host must run as many), made by them alone at the first compile that
+    asks for it and reused after; ``parent`` itself when all run on this host; None where this rank
+    is alone on its host (its own statistics), unless ``force_sync`` (then a one-rank group)."""
+    ranks = node_ranks(parent, timeout_s)
+    if len(ranks) == dist.get_world_size(parent):
+        return parent
+    if len(ranks) == 1 and not force_sync:
+        return None
+    made = _reuse(parent, NODE)
+    if made is not None:
+        return made
+    _refuse_bound_device("option group_size='node'", "Make one group per node yourself on every rank "
+                         "right after init_process_group (torch.distributed.new_subgroups()) and pass "
+                         "this rank's as process_group.")
+    _meet(ranks, parent, timeout_s, f"the process group of ranks {ranks} (group_size='node')",
+          "agree_timeout_s")
+    return _make([ranks], ranks, parent, NODE, timeout_s, local=True)
+
+
+def _refuse_bound_device(what: str, fix: str) -> None:
+    device = dist.group.WORLD.bound_device_id
+    if device is not None:
+        raise BNPassError(
+            f"{what}: the default process group is bound to {device} (init_process_group("
+            f"device_id=...)), so torch makes a subgroup by splitting its communicator, which every "
+            f"rank must join at the same point; bnpass cannot do that while compiling. {fix}")
 
 
 def create_syncbn_process_group(group_size: int, timeout_s: float = 300.0) -> dist.ProcessGroup:
@@ -163,12 +197,12 @@ def create_syncbn_process_group(group_size: int, timeout_s: float = 300.0) -> di
     return _make(chunks, ranks, parent, group_size, timeout_s, local=False)
 
 
-def _reuse(parent: dist.ProcessGroup, k: int) -> Optional[dist.ProcessGroup]:
+def _reuse(parent: dist.ProcessGroup, k: int | str) -> Optional[dist.ProcessGroup]:
     made = _MADE.get((parent.group_name, k))
     return made.group if made is not None and made.parent is parent and made.alive() else None
 
 
-def _make(chunks: list[list[int]], ranks: list[int], parent: dist.ProcessGroup, k: int,
+def _make(chunks: list[list[int]], ranks: list[int], parent: dist.ProcessGroup, k: int | str,
           timeout_s: float, local: bool) -> dist.ProcessGroup:
     """``new_group`` for each of ``chunks`` (``local``: only this rank's, by its members alone),
     with ``timeout_s`` for the rendezvous; this rank's group (``ranks``), kept for reuse."""
@@ -191,32 +225,48 @@ def _make(chunks: list[list[int]], ranks: list[int], parent: dist.ProcessGroup, 
 def _meet(ranks: list[int], parent: dist.ProcessGroup, timeout_s: float, what: str,
           timeout_name: str) -> None:
     """Wait until every rank of ``ranks`` has come here having made as many process groups as this
-    one (torch names a new group by that count), or raise naming the ones that did not.
-
-    Keys carry that count, so a group made again later (after a destroy) meets afresh."""
-    rank, count = dist.get_rank(), dist.get_pg_count()
-    prefix = f"{_PREFIX}/{parent.group_name}/{'_'.join(map(str, ranks))}"
-    try:
-        if post_and_wait(prefix, str(count), str(count), ranks, timeout_s):
-            return
-    except Deadlock:
-        pass  # a rank came with another count: said below
+    one (torch names a new group by that count), or raise naming the ones that did not."""
+    if dist.get_backend(parent) == "fake":
+        return  # `bnpass inspect`'s simulated world: this process is every rank
     store = dist.distributed_c10d._get_default_store()
+    meet_to_make(store, dist.get_rank(), ranks, f"{parent.group_name}", dist.get_pg_count(), timeout_s,
+                 what, timeout_name)
+
+
+def meet_to_make(store, rank: int, ranks: list[int], parent: str, count: int, timeout_s: float,
+                 what: str, timeout_name: str = "agree_timeout_s") -> None:
+    """The meeting before making a group of ``ranks`` (of the group named ``parent``), through
+    ``store`` as ``rank`` having made ``count`` process groups (``_meet``; the benchmark's and the
+    tests' simulated ranks call it directly): about six store requests per rank, whatever the number
+    of ranks; the ranks' meetings for the same ranks are numbered in the order each comes to them,
+    so a group made again (after a destroy) meets afresh."""
+    place = meet.next_meeting(store, f"{_PREFIX}/{parent}/{meet.ranks_key(ranks)}", rank)
+    verdict = meet.meet(store, place, rank, str(count), ranks, timeout_s)
+    if verdict.ok:
+        return
     problems = []
-    for r in ranks:
-        if r == rank or store.check([f"{prefix}/{count}/{r}"]):
+    for theirs, came in verdict.groups():
+        others = [r for r in came if r != rank]
+        if theirs == str(count) or not others:
             continue
-        if store.check([f"{prefix}/latest/{r}"]):
+        for r in others[:3]:
             problems.append(
-                f"rank {r} came having made {store.get(f'{prefix}/latest/{r}').decode()} process "
-                f"group(s) before, this rank ({rank}) {count}: torch would name the new group "
-                f"differently on each. Make the same process groups on every rank before this one, "
-                f"e.g. call bnpass.create_syncbn_process_group right after init_process_group")
-        else:
-            problems.append(
-                f"rank {r} did not come within {timeout_name}={timeout_s:g} s (dead, failed before "
-                f"compiling, slower by more than that, or not running this code). Fix that rank, or "
-                f"raise {timeout_name} if it is only slow")
+                f"rank {r} came having made {theirs} process group(s) before, this rank ({rank}) "
+                f"{count}: torch would name the new group differently on each")
+        if len(others) > 3:
+            problems.append(f"so did ranks {meet.ranks_text(others[3:])}")
+    if len(problems) > 0:
+        problems[-1] += (". Make the same process groups on every rank before this one, e.g. call "
+                         "bnpass.create_syncbn_process_group right after init_process_group")
+    missing = [r for r in verdict.missing if r != rank]
+    if missing:
+        problems.append(
+            f"{'rank' if len(missing) == 1 else 'ranks'} {meet.ranks_text(missing)} did not come within "
+            f"{timeout_name}={timeout_s:g} s (dead, failed before compiling, slower by more than that, "
+            f"or not running this code). Fix that rank, or raise {timeout_name} if it is only slow")
+    if rank in verdict.missing:
+        problems.append(f"rank {verdict.by} gave up waiting for this rank ({timeout_name}="
+                        f"{timeout_s:g} s) before it came")
     raise BNPassError(f"bnpass: could not make {what} to share BatchNorm statistics; nothing was "
                       f"reduced. " + "; ".join(problems) + ".")
 

@@ -45,7 +45,6 @@ With ``broadcast_buffers=False`` a joined rank keeps the buffers it had when it 
 
 from __future__ import annotations
 
-import json
 import threading
 import weakref
 
@@ -57,7 +56,7 @@ from torch.distributed.algorithms.join import Joinable as _TorchJoinable
 from . import agree
 from .errors import BNPassError
 from .groups import make_stand_in, stand_in_names
-from .meet import Deadlock, hold, post_and_wait
+from . import meet
 
 __all__ = ["Joinable"]
 
@@ -66,6 +65,11 @@ _ASIDE = ("has joined (DDP's Join: it ran out of batches) and answers the collec
           "it ran; this graph, compiled since, issues others, which it cannot answer. Under Join, "
           "steps after a rank joined must run graphs with the collectives of the steps before (a "
           "recompile for another batch size has the same)")
+_STEP, _NO_STEP = "step", "no-step"  # what a rank brings to a Join's first step
+_WHY_NO_STEP = ("joined without having run a training step of this model in this process, so it cannot "
+                "know which BatchNorm collectives to answer: give every rank at least one batch in its "
+                "first Join (DistributedSampler with drop_last=False gives every rank the same number); "
+                "a rank that ran a step under an earlier Join answers with that step's collectives")
 _ALL_REDUCE = str(torch.ops._c10d_functional.all_reduce.default)
 
 
@@ -189,17 +193,18 @@ class Joinable(_TorchJoinable):
                 "statistics that bnpass's hook answers.")
 
     def _meet_at_start(self) -> None:
-        token = f"start/{self._context}"
-        try:
-            met = post_and_wait(_PREFIX, token, "{}", self._ranks, self.timeout_s)
-        except Deadlock as e:
-            store = dist.distributed_c10d._get_default_store()
-            why = json.loads(store.get(f"{_PREFIX}/latest/{e.rank}")).get("why", "")
-            raise BNPassError(f"bnpass: rank {e.rank} {why}") from None
-        if not met:
-            raise BNPassError(f"bnpass: not every rank of {self._ranks} began the first step under Join "
-                              f"within {self.timeout_s:.0f} s (bnpass.Joinable's timeout_s): one is dead, "
-                              "still busy elsewhere, or not in this Join")
+        verdict = meet.meet(_store(), self._start(), dist.get_rank(), _STEP, self._ranks, self.timeout_s)
+        if verdict.ok:
+            return
+        if _NO_STEP in verdict.tokens:
+            raise BNPassError(f"bnpass: {meet.who(verdict.tokens[_NO_STEP])} {_WHY_NO_STEP}")
+        raise BNPassError(f"bnpass: rank(s) {meet.ranks_text(verdict.missing)} of the {len(self._ranks)} "
+                          f"ranks did not begin the first step under Join within {self.timeout_s:.0f} s "
+                          "(bnpass.Joinable's timeout_s): dead, still busy elsewhere, or not in this Join")
+
+    def _start(self) -> str:
+        """Where the ranks meet at this Join's first step."""
+        return f"{_PREFIX}/start/{self._context}"
 
     # On a joined rank, once per step of the others.
     def _answer_step(self) -> None:
@@ -209,7 +214,7 @@ class Joinable(_TorchJoinable):
             self._joined = self._context
             if self._steps_in_context == 0:
                 self._joined_before_any_step()
-            self._aside = agree.stand_aside(_ASIDE, self._ranks, f"join/{self._context}")
+            self._aside = agree.stand_aside(_ASIDE, self._ranks)
         sequences = list(self._steps.current)
         self._thread = threading.Thread(target=self._answer, args=(sequences,), daemon=True,
                                         name="bnpass-join")
@@ -218,17 +223,12 @@ class Joinable(_TorchJoinable):
         self.answered["collectives"] += sum(len(s) for s in sequences)
 
     def _joined_before_any_step(self) -> None:
-        """This Join's first step: meet the others (bnpass/meet.py) or tell them why not."""
+        """This Join's first step: come to the others' meeting (bnpass/meet.py), or tell them why not."""
         if self._steps.begun:  # an earlier Join's last step says what to answer
-            post_and_wait(_PREFIX, f"start/{self._context}", "{}", [dist.get_rank()], self.timeout_s)
+            meet.arrive(_store(), self._start(), dist.get_rank(), _STEP, self._ranks)
             return
-        why = ("joined without having run a training step of this model in this process, so it "
-               "cannot know which BatchNorm collectives to answer: give every rank at least one "
-               "batch in its first Join (DistributedSampler with drop_last=False gives every rank "
-               "the same number); a rank that ran a step under an earlier Join answers with that "
-               "step's collectives")
-        hold(_PREFIX, f"no-step/{self._context}", json.dumps({"why": why}), self._ranks)
-        raise BNPassError(f"bnpass: rank {dist.get_rank()} {why}")
+        meet.arrive(_store(), self._start(), dist.get_rank(), _NO_STEP, self._ranks)
+        raise BNPassError(f"bnpass: rank {dist.get_rank()} {_WHY_NO_STEP}")
 
     def _answer(self, sequences: list[list[dict]]) -> None:
         from torch.distributed.distributed_c10d import _resolve_process_group
@@ -254,6 +254,10 @@ class Joinable(_TorchJoinable):
             error, self._error = self._error, None
             raise BNPassError(f"bnpass: a joined rank's answer to the BatchNorm collectives failed: "
                               f"{error}") from error
+
+
+def _store():
+    return dist.distributed_c10d._get_default_store()
 
 
 def _step_begins(module, args) -> None:

@@ -8,7 +8,7 @@ from typing import Any, Optional
 import torch.distributed as dist
 
 from .errors import BNPassError
-from .groups import check_group_size, group_of_size, stand_in
+from .groups import NODE, check_group_size, group_of_node, group_of_size, stand_in
 
 __all__ = ["Options", "BNPassError", "GroupChoice"]
 
@@ -16,7 +16,8 @@ __all__ = ["Options", "BNPassError", "GroupChoice"]
 _DOC = {
     "process_group": "ProcessGroup to reduce statistics over (default: the default group)",
     "group_size": "int k: statistics over consecutive groups of k ranks of the default group (ranks "
-                  "0..k-1, k..2k-1, ...); k must divide the world size, 1 means local statistics",
+                  "0..k-1, k..2k-1, ...); k must divide the world size, 1 means local statistics; "
+                  "'node': over the ranks of each host (every host must run as many)",
     "force_sync": "bool: issue the collective even on a one-rank group (a benchmarking aid)",
     "inductor_config": "dict of torch._inductor.config patches for this compile",
     "fold_eval": "bool (default True): fold an eval-mode BatchNorm into the Conv/Linear before it",
@@ -49,7 +50,7 @@ class GroupChoice:
 @dataclasses.dataclass(frozen=True)
 class Options:
     process_group: Any = None
-    group_size: Optional[int] = None
+    group_size: Optional[int | str] = None
     force_sync: bool = False
     inductor_config: dict = dataclasses.field(default_factory=dict)
     agree_timeout_s: float = 300.0
@@ -92,7 +93,7 @@ class Options:
                               f"{type(opts.process_group).__name__}; create one with "
                               "torch.distributed.new_group(...)")
         if opts.group_size is not None:
-            check_group_size(opts.group_size)
+            check_group_size(opts.group_size, node=True)
             if opts.process_group is not None:
                 raise BNPassError(
                     "options process_group and group_size were both given: pass one. group_size=k "
@@ -130,6 +131,12 @@ class Options:
                               "(or leave group_size out for this rank's own statistics)")
         if self.group_size == 1 and not self.force_sync:  # force_sync: one-rank groups, synced
             return GroupChoice(None, 1, "group_size=1: this rank's own statistics, no collective")
+        if self.group_size == NODE:
+            group = group_of_node(dist.group.WORLD, self.agree_timeout_s, self.force_sync)
+            if group is None:
+                return GroupChoice(None, 1, "group_size='node': this rank is alone on its host, its own "
+                                            "statistics, no collective")
+            return GroupChoice(group.group_name, dist.get_world_size(group), "")
         group = group_of_size(self.group_size, dist.group.WORLD, self.agree_timeout_s)
         return GroupChoice(group.group_name, dist.get_world_size(group), "")
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import os
 
 import torch
 import torch.distributed as dist
@@ -74,4 +75,30 @@ def train_in_groups(rank: int, world_size: int, cases: dict[str, tuple[Spec, ...
         if case.startswith("process_group"):
             spec = dataclasses.replace(spec, options=spec.options + (("process_group", made[k]),))
         out[case] = compile_and_train(spec, rank % k, group=made[k])
+    return out
+
+
+def per_node(rank: int, world_size: int, hosts: tuple, specs: tuple, others: dict) -> dict:
+    """``group_size="node"`` with rank r on host ``hosts[r]`` (BNPASS_TRANSPORT_HOST, as the
+    same-host transport reads it): the ranks of host g (in rank order) train ``specs[g]``, summing
+    gradients over a group of them. Then, forgetting what was found, each of ``others`` {case:
+    hosts}: the group ``group_size="node"`` resolves to (name, size), or its error."""
+    from bnpass import nodes
+
+    os.environ["BNPASS_TRANSPORT_HOST"] = hosts[rank]
+    names = sorted(set(hosts))
+    on = {h: [r for r in range(world_size) if hosts[r] == h] for h in names}
+    made = {h: dist.new_group(on[h], timeout=TIMEOUT) for h in names}
+    mine = on[hosts[rank]]
+    out = {"trained": compile_and_train(specs[names.index(hosts[rank])], mine.index(rank),
+                                        group=made[hosts[rank]])}
+    for case, case_hosts in others.items():
+        groups._MADE.clear()
+        nodes._FOUND.clear()
+        os.environ["BNPASS_TRANSPORT_HOST"] = case_hosts[rank]
+        try:
+            choice = bnpass.Options.from_user({"group_size": "node", "agree_timeout_s": 30.0}).group()
+            out[case] = {"name": choice.name, "world_size": choice.world_size, "why": choice.why_local}
+        except bnpass.BNPassError as e:
+            out[case] = {"error": str(e)}
     return out

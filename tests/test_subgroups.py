@@ -207,3 +207,54 @@ def test_group_size_with_a_device_bound_default_group_asks_for_the_helper():
                    "init_process_group" in str(e.value)
         finally:
             dist.group.WORLD.bound_device_id = None
+
+
+NODE_PAIRS = tuple(dataclasses.replace(s, options=(("group_size", "node"),)) for s in PAIRS)
+
+
+def test_group_size_node_shares_statistics_among_each_hosts_ranks():
+    """Ranks 0 and 2 on host h0, 1 and 3 on h1 (simulated, as the same-host transport reads hosts):
+    ``group_size="node"`` syncs each host's pair, against float64 on that pair's global batch, with
+    a group of its own; hosts with 3 and 1 ranks are an error on every rank naming the hosts and
+    counts; a rank alone on its host keeps its own statistics; all on one host is the world."""
+    others = {"uneven": ("a", "a", "a", "b"), "alone": ("a", "b", "c", "d"), "one_host": ("a",) * 4}
+    results = run_ranks("tests.subgroup_jobs:per_node", 4, ("h0", "h1", "h0", "h1"), NODE_PAIRS,
+                        others, deadline_s=DEADLINE_S)
+    names = []
+    for g, spec in enumerate(NODE_PAIRS):
+        pair = [results[r]["trained"] for r in (g, g + 2)]
+        assert_matches_reference(pair, spec, TOL)
+        assert_counts(pair, sites=4, synced=4, forward=4, backward=4)
+        sites = [s for r in pair for s in _sites(r)]
+        (name,) = {s["group"] for s in sites}
+        assert {s["reason"] for s in sites} == {
+            f"training mode: statistics over 2 rank(s) of group {name} (group_size=node: ranks [{g}, {g + 2}])"}
+        names.append(name)
+    assert len(set(names)) == 2 and "0" not in names, names
+    for rank, r in enumerate(results):
+        assert r["uneven"]["error"].startswith(
+            "bnpass: option group_size='node' needs the same number of ranks on every host"), r["uneven"]
+        assert "here 3 rank(s) on 1 host(s) (a); 1 rank(s) on 1 host(s) (b)" in r["uneven"]["error"]
+        assert r["alone"] == {"name": None, "world_size": 1, "why": "group_size='node': this rank is "
+                              "alone on its host, its own statistics, no collective"}, r["alone"]
+        assert r["one_host"] == {"name": "0", "world_size": 4, "why": ""}, r["one_host"]
+
+
+def test_inspect_group_size_node(capsys):
+    """``bnpass inspect --group-size node --ranks-per-node 4`` on a simulated world of 8: rank 0's
+    sites reduce over its host's 4 ranks, and the reason says which."""
+    import json
+
+    from bnpass.inspect.cli import main
+    from tests.inspect_common import MODELS
+
+    assert main(["inspect", f"{MODELS}:tiny", "--backend", "bnpass_eager", "--world-size", "8",
+                 "--group-size", "node", "--ranks-per-node", "4", "--input-shape", "4,3,8,8",
+                 "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    synced = [s for s in data["sites"] if s["action"] == "sync"]
+    assert len(synced) == 3 and len({s["group"] for s in synced}) == 1, synced
+    assert all(s["reason"].startswith("training mode: statistics over 4 rank(s) of group ") and
+               s["reason"].endswith("(group_size=node: ranks [0, 1, 2, 3])") for s in synced), synced
+    assert main(["inspect", f"{MODELS}:tiny", "--ranks-per-node", "4"]) == 2
+    assert "--ranks-per-node N (N >= 1) goes with --group-size node" in capsys.readouterr().err

@@ -1,11 +1,13 @@
 """The ``bnpass`` command line (also ``python -m bnpass``).
 
     bnpass inspect TARGET [--input-shape 8,3,224,224] [--eval] [--world-size 2]
+                          [--group-size K|node [--ranks-per-node N]]
                           [--dtype float32|bfloat16|float16] [--channels-last]
                           [--format text|json|dot|html] [--output FILE] [--site K] [--kernels]
 
 ``inspect`` compiles TARGET with ``torch.compile(backend="bnpass")`` in this process, on a fake
-process group of ``--world-size`` ranks, runs one training step on a seeded random input on the
+process group of ``--world-size`` ranks (``--group-size``: the option group_size; with ``node``,
+hosts of ``--ranks-per-node`` consecutive ranks), runs one training step on a seeded random input on the
 model's device (forward, then backward of the sum of the outputs; ``--eval``: the forward only,
 under ``no_grad``), and shows what the backend
 recorded: which BatchNorms it synced, left local or skipped and why, the collectives in the compiled
@@ -102,6 +104,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="input shape of one rank's batch (default 8,3,224,224)")
     p.add_argument("--eval", action="store_true", help="eval mode: forward only, under no_grad")
     p.add_argument("--world-size", type=int, default=2, help="ranks of the simulated world (default 2)")
+    p.add_argument("--group-size", type=_group_size, metavar="K|node",
+                   help="the option group_size: statistics over consecutive groups of K ranks, or "
+                        "over the ranks of each host ('node')")
+    p.add_argument("--ranks-per-node", type=int, metavar="N",
+                   help="with --group-size node: hosts of N consecutive ranks (default: one host)")
     p.add_argument("--dtype", choices=DTYPES, default="float32", help="model and input dtype")
     p.add_argument("--channels-last", action="store_true", help="channels_last model and input (4-D/5-D)")
     p.add_argument("--format", choices=FORMATS, default="text", help="output format (default text)")
@@ -115,9 +122,15 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _group_size(text: str):
+    return text if text == "node" else int(text)
+
+
 def _check(args) -> None:
     if args.world_size < 1:
         raise UsageError(f"--world-size must be >= 1, got {args.world_size}")
+    if args.ranks_per_node is not None and (args.group_size != "node" or args.ranks_per_node < 1):
+        raise UsageError("--ranks-per-node N (N >= 1) goes with --group-size node")
     if args.channels_last and len(args.input_shape) not in (4, 5):
         raise UsageError(f"--channels-last needs a 4-D or 5-D --input-shape, got {list(args.input_shape)}")
     if args.site is not None and args.site < 0:
@@ -145,7 +158,8 @@ def _inspect(args) -> int:
     progress = Progress()
     spec = InspectArgs(target=args.target, input_shape=args.input_shape, eval=args.eval,
                        world_size=args.world_size, dtype=args.dtype, channels_last=args.channels_last,
-                       kernels=args.kernels, backend=args.backend)
+                       kernels=args.kernels, backend=args.backend, group_size=args.group_size,
+                       ranks_per_node=args.ranks_per_node)
     try:
         data = inspect_model(spec, progress)
     except TargetError as e:

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch.utils._pytree import tree_leaves
 
+from ..nodes import simulated_hosts
 from .target import load_target
 
 __all__ = ["InspectArgs", "ForwardError", "CompileError", "inspect_model", "Progress"]
@@ -43,6 +44,8 @@ class InspectArgs:
     channels_last: bool = False
     kernels: bool = False
     backend: str = "bnpass"  # or "bnpass_eager": the same pass without Inductor
+    group_size: Optional[object] = None  # the option group_size: k, or "node"
+    ranks_per_node: Optional[int] = None  # hosts of that many consecutive ranks (group_size "node")
 
 
 class Progress:
@@ -159,9 +162,11 @@ def inspect_model(args: InspectArgs, progress: Progress) -> dict:
     torch._dynamo.utils.counters.clear()
     bnpass.clear_records()
     options = {"inductor_config": {"trace.provenance_tracking_level": 1}} if args.kernels else {}
+    if args.group_size is not None:
+        options["group_size"] = args.group_size
     compiled = torch.compile(model, backend=args.backend, options=options)
     backward = False
-    with fake_world(args.world_size):
+    with fake_world(args.world_size), simulated_hosts(args.ranks_per_node):
         lowering = "Inductor" if args.backend == "bnpass" else "eager ATen"
         progress.stage(f"compiling and running the forward (Dynamo -> bnpass -> {lowering})")
         try:

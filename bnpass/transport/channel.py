@@ -3,8 +3,9 @@
 Set up once per group, at the first compile that needs it, through the default store (no
 collective), within ``agree_timeout_s``:
 
-1. every rank of the group posts where it runs (host name, pid namespace), its pid, and whether it
-   could build the C half;
+1. the group's ranks meet (bnpass/meet.py: a few store requests per rank, whatever their number),
+   each bringing where it runs (host name, pid namespace) and whether it could build the C half;
+   only the ranks of a group on one host then post their pids (a key each);
 2. if all are on one host, the group's first rank creates a segment under a fresh name
    (``/dev/shm/bnpass-<creator pid>-<random>``) and posts the name; the others map it; each rank
    writes its pid into its control line and posts whether it mapped the segment;
@@ -25,7 +26,6 @@ import ctypes
 import json
 import os
 import secrets
-import socket
 import threading
 import time
 from pathlib import Path
@@ -34,6 +34,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from .. import meet
+from ..nodes import host_name
 from ..options import BNPassError
 from . import native
 
@@ -52,8 +54,7 @@ def _host() -> dict:
         pidns = os.stat("/proc/self/ns/pid").st_ino
     except OSError:
         pidns = None
-    return {"host": os.environ.get("BNPASS_TRANSPORT_HOST") or socket.gethostname(),
-            "pidns": pidns, "pid": os.getpid()}
+    return {"host": host_name(), "pidns": pidns}
 
 
 def _spin_ns(world: int) -> int:
@@ -221,18 +222,13 @@ def _setup(group, group_name: str, timeout_s: float) -> tuple[Optional[Channel],
     epoch = _SETUPS[group_name] = _SETUPS.get(group_name, 0) + 1
     meeting = _Meeting(f"{_PREFIX}/{group_name}/{epoch}", ranks, me, timeout_s)
     lib = native.library()
-    infos = meeting.gather("where", dict(_host(), lib=native.unavailable_reason()))
-    if infos is None:
+    why = _where(meeting)
+    if why:
+        return None, meeting.decide(why)
+    pids = meeting.gather("pid", os.getpid())  # the ranks of one host (few): a key each
+    if pids is None:
         return None, meeting.decision
-    hosts = sorted({i["host"] for i in infos})
-    failed = [f"rank {r}: {i['lib']}" for r, i in zip(ranks, infos) if i["lib"]]
-    if len(hosts) > 1:
-        return None, meeting.decide(f"its ranks run on {len(hosts)} hosts ({', '.join(hosts)})")
-    if len({i["pidns"] for i in infos}) > 1:
-        return None, meeting.decide("its ranks run in different pid namespaces (containers)")
-    if failed:
-        return None, meeting.decide("; ".join(failed))
-    pids, world = [i["pid"] for i in infos], len(ranks)
+    world = len(ranks)
     base, status, name = None, "ok", None
     if me == 0:
         _sweep_stale()
@@ -267,6 +263,27 @@ def _setup(group, group_name: str, timeout_s: float) -> tuple[Optional[Channel],
 
 
 _SHM = "shm"
+
+
+def _where(meeting: "_Meeting") -> str:
+    """Step 1: the ranks meet (bnpass/meet.py: a few store requests each, whatever their number),
+    each bringing where it runs and whether it could build the C half; why not shared memory ("":
+    all on this host, in one pid namespace, each with the C half)."""
+    host = _host()
+    mine = json.dumps([host["host"], host["pidns"], native.unavailable_reason()])
+    verdict = meet.meet(meeting.store, f"{meeting.prefix}/where", meeting.ranks[meeting.me], mine,
+                        meeting.ranks, max(meeting.deadline - time.monotonic(), 0.0))
+    if verdict.missing:
+        return (f"rank(s) {meet.ranks_text(verdict.missing)} did not come within agree_timeout_s="
+                f"{meeting.timeout_s:g} s to set up shared memory")
+    wheres = {tuple(json.loads(t)): ranks for t, ranks in verdict.tokens.items()}
+    hosts = sorted({w[0] for w in wheres})
+    if len(hosts) > 1:
+        more = f" and {len(hosts) - 4} more" if len(hosts) > 4 else ""
+        return f"its ranks run on {len(hosts)} hosts ({', '.join(hosts[:4])}{more})"
+    if len({w[1] for w in wheres}) > 1:
+        return "its ranks run in different pid namespaces (containers)"
+    return "; ".join(f"rank(s) {meet.ranks_text(ranks)}: {w[2]}" for w, ranks in wheres.items() if w[2])
 
 
 class _Meeting:
