@@ -158,9 +158,13 @@ def agree_among(store, rank: int, members: list[int], entries: list, timeout_s: 
     start = time.monotonic()
     latest = json.dumps({"entries": entries, "context": context, "options": options,
                          "direction": direction})
-    store.set(f"{_PREFIX}/latest/{rank}", latest)  # what this rank last ran: the others' diagnosis
-    if len(members) <= 1:  # nothing to reduce (or only with itself): said what it ran; run
+    if len(members) <= 1:  # nothing to reduce (or only with itself): say what it ran; run
+        try:
+            store.set(f"{_PREFIX}/latest/{rank}", latest)  # what this rank last ran: the others' diagnosis
+        except dist.DistError:  # the store's host (rank 0) has exited, e.g. evaluation after training
+            pass  # on rank 1 alone: nobody is left to read the diagnosis, and nothing to wait for
         return
+    store.set(f"{_PREFIX}/latest/{rank}", latest)
     series = _series(members)
     digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
     count = int(store.add(f"{series}/digest/{digest}", 1))

@@ -179,3 +179,26 @@ def test_the_host_map_for_group_size_node_costs_a_constant():
         assert "here 16 rank(s) on 1 host(s) (node6); 8 rank(s) on 6 host(s) (node0, node1, node2, " \
                "node3 and 2 more)" in e, e
     assert max(requests) <= 6, requests
+
+
+class _GoneStore:
+    """A store whose host has exited: every request fails as TCPStore's does then."""
+
+    def set(self, key, value):
+        import torch.distributed as dist
+
+        raise dist.DistNetworkError("Broken pipe")
+
+    add = get = check = wait = append = set
+
+
+def test_a_graph_without_collectives_runs_when_the_store_is_gone():
+    """Evaluation on rank 1 after rank 0, the store's host, has exited: a graph with no collective
+    posts its diagnosis only if someone can read it, and runs; one with collectives still raises."""
+    import torch.distributed as dist
+
+    from bnpass.agree import agree_among
+
+    agree_among(_GoneStore(), 1, [1], [], timeout_s=1.0, context="eval")
+    with pytest.raises(dist.DistError):
+        agree_among(_GoneStore(), 1, [0, 1], [{"op": "all_reduce"}], timeout_s=1.0, context="train")
