@@ -56,7 +56,7 @@ def stand_aside(reason: str, ranks: list[int]) -> tuple:
     bnpass/join.py): a rank of ``ranks`` that waits to agree on a graph this rank never ran learns
     it at once, with ``reason``, instead of at its deadline. Returns what to hand ``step_back_in``."""
     store, rank = _store(), dist.get_rank()
-    key = f"{_PREFIX}/latest/{rank}"
+    key = _latest_key(rank)
     before = store.get(key).decode() if store.check([key]) else None
     store.set(key, json.dumps({"entries": [], "context": reason, "options": "", "direction": "aside"}))
     series = _series(ranks)
@@ -71,7 +71,12 @@ def step_back_in(aside: tuple) -> None:
     store, rank = _store(), dist.get_rank()
     meet.step_back_in(store, f"{series}/aside", rank)
     if before is not None:
-        store.set(f"{_PREFIX}/latest/{rank}", before)
+        store.set(_latest_key(rank), before)
+
+
+def _latest_key(rank: int) -> str:
+    """Where ``rank`` says what it last ran, for the others' diagnosis."""
+    return f"{_PREFIX}/latest/{rank}"
 
 
 def _store():
@@ -160,11 +165,11 @@ def agree_among(store, rank: int, members: list[int], entries: list, timeout_s: 
                          "direction": direction})
     if len(members) <= 1:  # nothing to reduce (or only with itself): say what it ran; run
         try:
-            store.set(f"{_PREFIX}/latest/{rank}", latest)  # what this rank last ran: the others' diagnosis
+            store.set(_latest_key(rank), latest)
         except dist.DistError:  # the store's host (rank 0) has exited, e.g. evaluation after training
-            pass  # on rank 1 alone: nobody is left to read the diagnosis, and nothing to wait for
+            pass  # on this rank alone: nobody is left to read the diagnosis, and nothing to wait for
         return
-    store.set(f"{_PREFIX}/latest/{rank}", latest)
+    store.set(_latest_key(rank), latest)
     series = _series(members)
     digest = hashlib.sha1(json.dumps(entries).encode()).hexdigest()[:16]
     count = int(store.add(f"{series}/digest/{digest}", 1))
@@ -214,7 +219,7 @@ def _problems(store, series: str, rank: int, verdict: "meet.Verdict", digest: st
         rest = [r for _, ranks in others[_DESCRIBED:] for r in ranks]
         problems.append(f"ranks {meet.ranks_text(rest)} wait with yet other sequences")
     if verdict.aside:
-        reason = json.loads(store.get(f"{_PREFIX}/latest/{verdict.aside[0]}"))["context"]
+        reason = json.loads(store.get(_latest_key(verdict.aside[0])))["context"]
         problems.append(f"rank {verdict.aside[0]} {reason}")
         if len(verdict.aside) > 1:
             problems.append(f"{'so have ranks' if len(verdict.aside) > 2 else 'so has rank'} "
@@ -232,7 +237,7 @@ def _problems(store, series: str, rank: int, verdict: "meet.Verdict", digest: st
 
 def _missing(store, m: int, entries: list, options: str, timeout_s: float) -> str:
     """Why rank ``m`` did not come, from what it last ran (two requests)."""
-    key = f"{_PREFIX}/latest/{m}"
+    key = _latest_key(m)
     if not store.check([key]):
         return (f"rank {m} has not run a bnpass-compiled graph within {timeout_s:.0f} s (dead, still "
                 "compiling, slower by more than that, or not running this code; raise agree_timeout_s "

@@ -230,8 +230,8 @@ def synced_batch_norm(
     else:
         y, mean, unbiased_var = SyncedBatchNormFunction.apply(x, weight, bias, eps, group_name, site)
     # The running statistics move in float64 and are rounded once, as eager's CPU kernel does
-    # (its accumulation type for float32 is double): a float32 lerp of a float32-rounded statistic
-    # rounds three times, ~3x eager's error on a running variance.
+    # (its accumulation type for float32 is double), where a float32 lerp of a float32-rounded
+    # statistic rounds three times.
     with torch.no_grad():
         if isinstance(momentum, Tensor):
             momentum = momentum.double()
